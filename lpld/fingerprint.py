@@ -1,0 +1,29 @@
+"""Short content hashes that tie artifacts together (teacher -> stats -> images -> labels).
+
+Each artifact records the fingerprints of what it was made from, so a later stage can refuse a
+file that belongs to another teacher or dataset instead of silently mixing them.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tensors_sha256(named: dict[str, torch.Tensor]) -> str:
+    """Hash of names, dtypes, shapes and bytes, independent of dict order and device."""
+    digest = hashlib.sha256()
+    for name in sorted(named):
+        tensor = named[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,277 @@
+"""The paper's numbers in one place: named, overridable recipes per dataset.
+
+A recipe is a tree of frozen dataclasses, one per stage. Values come from SPEC.md (sections 1.3,
+3, 4, 6 and 10); the ``fmnist`` recipe is ours, sized so that the whole pipeline runs in minutes
+on 2 CPU cores (README.md says what it trades away). Any field can be overridden from the CLI
+with ``--set stage.field=value``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+
+from .errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TINY_MEAN = (0.4802, 0.4481, 0.3975)
+TINY_STD = (0.2302, 0.2265, 0.2262)
+FMNIST_MEAN = (0.2860,)
+FMNIST_STD = (0.3530,)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the real data lives and how its images look to the models."""
+
+    dataset: str  # "fmnist" | "imagefolder" | "tiny"
+    num_classes: int
+    resolution: int  # side of the square images the teacher, recover, relabel and train see
+    channels: int = 3
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    root: str | None = None  # None: the user must pass --data
+    eval_resize: int | None = None  # ImageNet: Resize(256) then CenterCrop(eval_crop)
+    eval_crop: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The teacher; the student defaults to the same architecture (``train.arch`` overrides)."""
+
+    arch: str = "resnet18"  # a torchvision classifier name, or "resnet10" (BasicBlock x [1,1,1,1])
+    stem: str = "standard"  # "standard" | "3x3" (stride 1, no max-pool) | "3x3s2" (stride 2, no max-pool)
+    weights: str | None = None  # a local state-dict file; None means squeeze trains one
+
+
+@dataclass(frozen=True)
+class SqueezeConfig:
+    """Teacher training from scratch (SGD + cosine), used when no weights file is given."""
+
+    epochs: int = 90
+    batch_size: int = 256
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    augment: str = "rrc"  # "rrc" (RandomResizedCrop + flip) | "pad-crop" (pad 2, random crop + flip)
+    workers: int = 8
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    """Class-wise BN statistics pass (SPEC.md section 2)."""
+
+    mode: str = "ema"  # "ema" (the paper's code) | "exact" (pooled moments over the pass)
+    momentum: float = 0.1
+    batch_size: int = 64
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    workers: int = 8
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RecoverConfig:
+    """Class-wise image synthesis (SPEC.md section 3)."""
+
+    ipc: int = 10
+    iterations: int = 4000
+    lr: float = 0.25
+    r_bn: float = 0.01
+    first_bn_weight: float = 10.0
+    jitter: tuple[int, int] = (0, 32)  # torch.roll shift drawn from [lo, hi] per axis
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    pixel_space: str = "normalized"  # "normalized" (randn in normalized space) | "unit" ([0, 1], IN-21K)
+    batching: str = "class-wise"  # "class-wise" (LPLD) | "across-class" (SRe2L baseline)
+    bn_loss: str = "l2"  # "l2" (paper) | "rms" (per-channel RMS, architecture independent)
+    classes_per_step: int = 0  # classes optimized in one teacher forward; 0 = as many as fit
+    image_format: str = "jpeg"  # "jpeg" | "png"
+    jpeg_quality: int = 75
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RelabelConfig:
+    """FKD-style soft labels (SPEC.md section 4)."""
+
+    epochs: int = 300
+    batch_size: int = 128
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    flip: str = "flip"  # "flip" | "cutout" (IN-21K: Cutout 0.5 instead of flip)
+    mix: str = "cutmix"  # "cutmix" | "none"
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Label pruning (SPEC.md section 5): keep 1 - ratio of the stored records."""
+
+    ratio: float = 0.975
+    pool: str = "random"  # "random" | "order" | "epoch" | a scorer name (see lpld.prune)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Student training on the distilled images and the (pruned) label store (SPEC.md section 6)."""
+
+    arch: str | None = None  # None: the teacher's architecture
+    epochs: int = 300
+    optimizer: str = "adamw"  # "adamw" | "sgd"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    momentum: float = 0.9
+    warmup_epochs: int = 0
+    temperature: float = 20.0
+    t2_scale: bool = False  # multiply the KL by T^2 (Tiny recipe)
+    micro_batch: int = 0  # 0: one optimizer step per record; else gradient accumulation
+    val_interval: int = 10
+    compile: bool = True
+    loader: str = "auto"  # "auto" (dali on GPU, torch on CPU) | "dali" | "torch"
+    workers: int = 4
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    data: DataConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    squeeze: SqueezeConfig = field(default_factory=SqueezeConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    recover: RecoverConfig = field(default_factory=RecoverConfig)
+    relabel: RelabelConfig = field(default_factory=RelabelConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def with_overrides(self, assignments: list[str]) -> "Recipe":
+        """Apply ``stage.field=value`` strings, parsing each value by the field's type."""
+        recipe = self
+        for assignment in assignments:
+            key, sep, raw = assignment.partition("=")
+            stage, dot, name = key.strip().partition(".")
+            section = getattr(recipe, stage, None) if dot else None
+            if not sep or section is None or not dataclasses.is_dataclass(section):
+                raise UserError(f"--set {assignment!r}: expected stage.field=value, e.g. recover.iterations=100")
+            known = {f.name: f for f in fields(section)}
+            if name not in known:
+                raise UserError(f"--set {assignment!r}: {stage} has no field {name!r}; known: {', '.join(known)}")
+            hint = typing.get_type_hints(type(section))[name]
+            value = _parse(raw.strip(), hint, assignment)
+            recipe = replace(recipe, **{stage: replace(section, **{name: value})})
+        return recipe
+
+
+def _parse(raw: str, hint, what: str):
+    """Parse ``raw`` as ``hint`` (int, float, bool, str, tuples of those, or Optional of them)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if raw.lower() in ("none", "null", ""):
+            return None
+        return _parse(raw, next(a for a in args if a is not type(None)), what)
+    try:
+        if origin is tuple:
+            parts = [p for p in raw.strip("()[] ").split(",") if p.strip()]
+            item = args[0]
+            if args[-1] is not Ellipsis and len(parts) != len(args):
+                raise ValueError(f"needs {len(args)} comma-separated values")
+            return tuple(_parse(p.strip(), item, what) for p in parts)
+        if hint is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("needs true or false")
+        return hint(raw)
+    except ValueError as error:
+        raise UserError(f"--set {what!r}: cannot read {raw!r} as {getattr(hint, '__name__', hint)} ({error})") from None
+
+
+RECIPES: dict[str, Recipe] = {
+    # ImageNet-1K, ResNet-18 teacher (a local torchvision state dict), SPEC.md 1.3 / 3 / 6.
+    "imagenet1k": Recipe(
+        name="imagenet1k",
+        data=DataConfig("imagefolder", num_classes=1000, resolution=224, eval_resize=256, eval_crop=224),
+        model=ModelConfig(arch="resnet18", stem="standard"),
+        stats=StatsConfig(batch_size=64),
+        recover=RecoverConfig(ipc=10, iterations=4000, lr=0.25, r_bn=0.01, jitter=(0, 32)),
+        relabel=RelabelConfig(epochs=300, batch_size=128, mix="cutmix", flip="flip"),
+        train=TrainConfig(epochs=300, optimizer="adamw", lr=1e-3, weight_decay=0.01, temperature=20.0),
+    ),
+    # Tiny-ImageNet, 64 px, ResNet-18 with the 3x3 stem and no max-pool.
+    "tiny": Recipe(
+        name="tiny",
+        data=DataConfig("tiny", num_classes=200, resolution=64, mean=TINY_MEAN, std=TINY_STD),
+        model=ModelConfig(arch="resnet18", stem="3x3"),
+        squeeze=SqueezeConfig(epochs=50, batch_size=256, lr=0.2, weight_decay=1e-4),
+        stats=StatsConfig(batch_size=256),
+        recover=RecoverConfig(ipc=50, iterations=4000, lr=0.1, r_bn=0.05, jitter=(-4, 4)),
+        relabel=RelabelConfig(epochs=100, batch_size=64, mix="none", flip="flip"),
+        train=TrainConfig(
+            epochs=100, optimizer="sgd", lr=0.2, momentum=0.9, weight_decay=1e-4,
+            warmup_epochs=5, temperature=20.0, t2_scale=True,
+        ),
+    ),
+    # ImageNet-21K-P (10450 classes), [0, 1] pixel space without normalization.
+    "imagenet21k": Recipe(
+        name="imagenet21k",
+        data=DataConfig(
+            "imagefolder", num_classes=10450, resolution=224, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+            eval_resize=224, eval_crop=224,
+        ),
+        model=ModelConfig(arch="resnet18", stem="standard"),
+        recover=RecoverConfig(ipc=10, iterations=2000, lr=0.05, r_bn=0.25, jitter=(0, 32), pixel_space="unit"),
+        relabel=RelabelConfig(epochs=300, batch_size=32, mix="none", flip="cutout"),
+        train=TrainConfig(epochs=300, optimizer="adamw", lr=2e-3, weight_decay=0.01, temperature=20.0, val_interval=50),
+    ),
+    # Fashion-MNIST (Debian's dataset-fashion-mnist): the embedded demo, minutes on 2 CPU cores.
+    "fmnist": Recipe(
+        name="fmnist",
+        data=DataConfig(
+            "fmnist", num_classes=10, resolution=28, channels=1, mean=FMNIST_MEAN, std=FMNIST_STD,
+            root="/usr/share/datasets/fashion-mnist",
+        ),
+        model=ModelConfig(arch="resnet10", stem="3x3s2"),
+        squeeze=SqueezeConfig(epochs=2, batch_size=128, lr=0.1, weight_decay=5e-4, augment="pad-crop", workers=2),
+        stats=StatsConfig(batch_size=128, workers=2),
+        recover=RecoverConfig(
+            ipc=10, iterations=500, lr=0.1, r_bn=0.05, jitter=(-2, 2), crop_scale=(0.5, 1.0),
+        ),
+        relabel=RelabelConfig(epochs=100, batch_size=25, mix="cutmix", flip="flip"),
+        prune=PruneConfig(ratio=0.975),
+        train=TrainConfig(epochs=100, optimizer="adamw", lr=2e-3, weight_decay=0.01, temperature=20.0, workers=0),
+    ),
+}
+
+
+def get_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
+    if name not in RECIPES:
+        raise UserError(f"unknown recipe {name!r}; choose one of: {', '.join(sorted(RECIPES))}")
+    return RECIPES[name].with_overrides(overrides or [])
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every stage command shares: which recipe, overrides, and the work directory."""
+    parser.add_argument("--recipe", default="fmnist", help=f"one of {', '.join(sorted(RECIPES))} (default fmnist)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.FIELD=VALUE",
+                        help="override a recipe value, e.g. --set recover.iterations=100 (repeatable)")
+    parser.add_argument("--workdir", default=None, help="directory holding this run's artifacts (default runs/RECIPE)")
+    parser.add_argument("--data", default=None, help="dataset root (default: the recipe's, if it has one)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    recipe = get_recipe(args.recipe, args.overrides)
+    if args.data is not None:
+        recipe = replace(recipe, data=replace(recipe.data, root=args.data))
+    return recipe
