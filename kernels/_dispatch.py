@@ -1,0 +1,46 @@
+"""Backend choice and buffer allocation shared by every kernel in lpld_kernels.
+
+One place decides between the fused Triton kernel and the plain PyTorch reference, so every op
+behaves the same for ``backend=None | "triton" | "torch"`` and the ``LPLD_KERNEL_BACKEND``
+environment variable. Buffers that a kernel must fully overwrite come from ``empty``; the tests
+swap it for a NaN-filled allocator so that an element a kernel forgot to write shows up.
+"""
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("triton", "torch")
+ENV_VAR = "LPLD_KERNEL_BACKEND"
+
+
+def triton_interpreted() -> bool:
+    """Triton runs on CPU tensors only through its interpreter, switched on before import."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(backend: str | None, tensor: torch.Tensor) -> bool:
+    """True when the op should launch its Triton kernel on ``tensor``'s device.
+
+    ``None`` means auto: Triton for CUDA tensors when Triton is installed, the reference
+    otherwise; a non-empty ``LPLD_KERNEL_BACKEND`` replaces the auto choice.
+    """
+    if backend is None:
+        backend = os.environ.get(ENV_VAR, "") or None
+    if backend is None:
+        return tensor.is_cuda and importlib.util.find_spec("triton") is not None
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}: use one of {BACKENDS} or None (auto)")
+    if backend == "triton" and not tensor.is_cuda and not triton_interpreted():
+        raise RuntimeError(
+            "backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+            "before importing triton, or use backend='torch'"
+        )
+    return backend == "triton"
+
+
+def empty(shape, *, dtype: torch.dtype, device: torch.device, stride=None) -> torch.Tensor:
+    """Uninitialized buffer that a kernel overwrites in full (tests replace this with NaN fill)."""
+    if stride is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.empty_strided(shape, stride, dtype=dtype, device=device)
