@@ -1,0 +1,331 @@
+"""The soft-label store: one directory, one memory-mappable .npy per array (SPEC.md section 8).
+
+Upstream writes one torch.save pickle per (epoch, batch): 23k-470k small files, loaded whole per
+step, and keyed by the first image index of a batch (SPEC.md sections 4, 5 and 11.2-11.4). Here a
+label set is a handful of columnar arrays whose row r holds the record with global id ids[r]
+(epoch = g // nb, batch = g % nb), so reading record g is two slices of memmaps, a pruned store
+is the same format with fewer rows, and the whole set is checked against the sha256 recorded per
+array in meta.json before anything trains on it.
+
+Partial batches never exist: an epoch's order holds N images but only nb = N // B batches are
+labelled (the last N % B images of that order are skipped), so every record has exactly B rows
+and no "g - 1" remap is needed (SPEC.md section 5).
+
+Loading never runs code: arrays are read with ``np.load(allow_pickle=False)`` and meta.json is
+plain JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .augment import Cutout, Record
+from .errors import UserError
+from .fingerprint import file_sha256
+
+FORMAT = "lpld-labels/1"
+META = "meta.json"
+PROGRESS = "progress.json"
+GIB = 1024**3
+PARTIAL_BATCH_RULE = "excluded: batches_per_epoch = num_images // batch_size; the last images of each epoch order are not labelled"
+
+
+def array_specs(meta: dict) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of every array a store with this meta holds (the optional ones by recipe)."""
+    rows, batch, classes = meta["num_records"], meta["batch_size"], meta["num_classes"]
+    specs = {
+        "ids": ((rows,), np.dtype(np.int64)),
+        "img_idx": ((rows, batch), np.dtype(np.int32)),
+        "crop": ((rows, batch, 4), np.dtype(np.int32)),
+        "flip": ((rows, batch), np.dtype(np.bool_)),
+        "logits": ((rows, batch, classes), np.dtype(np.float16)),
+    }
+    if meta["flip"] == "cutout":
+        specs["cutout_box"] = ((rows, batch, 4), np.dtype(np.int32))
+        specs["cutout_fill"] = ((rows, batch, meta["channels"]), np.dtype(np.uint8))
+    if meta["mix"] == "cutmix":
+        specs["mix_perm"] = ((rows, batch), np.dtype(np.int32))
+        specs["mix_lam"] = ((rows,), np.dtype(np.float64))
+        specs["mix_box"] = ((rows, 4), np.dtype(np.int32))
+    return specs
+
+
+def _write_json(path: Path, value: dict) -> None:
+    """Write then rename, so a crash never leaves half a JSON file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _put(arrays: dict, row: int, record: Record) -> None:
+    arrays["img_idx"][row] = record.img_idx
+    arrays["crop"][row] = record.crop
+    arrays["flip"][row] = record.flip
+    arrays["logits"][row] = record.logits
+    if "cutout_box" in arrays:
+        arrays["cutout_box"][row] = record.cutout.box
+        arrays["cutout_fill"][row] = record.cutout.fill
+    if "mix_perm" in arrays:
+        arrays["mix_perm"][row] = record.mix_perm
+        arrays["mix_lam"][row] = record.mix_lam
+        arrays["mix_box"][row] = record.mix_box
+
+
+class LabelStoreWriter:
+    """Preallocated memmaps filled row by row, resumable from the last complete epoch.
+
+    ``header`` is the store's meta without ``num_records`` and ``arrays`` (sizes, recipe,
+    seeds, fingerprints). The first writer creates every array at full size; a later writer
+    with the same header and ids (a resumed run, or another torchrun rank after a barrier)
+    reopens them, so ranks can fill disjoint rows of one store. progress.json lists the epochs
+    whose rows are all on disk; ``finish`` checksums the arrays and writes meta.json.
+    """
+
+    def __init__(self, path: str | Path, header: dict, ids: np.ndarray):
+        self.path = Path(path)
+        self.ids = np.asarray(ids, dtype=np.int64)
+        self.header = dict(header, format=FORMAT, num_records=int(len(self.ids)))
+        self.specs = array_specs(self.header)
+        self.done = False
+        progress = self.path / PROGRESS
+        if (self.path / META).exists():
+            self._check_same(json.loads((self.path / META).read_text()))
+            self.done, self.complete_epochs = True, set(range(self.header["epochs"]))
+            return
+        if progress.exists():
+            state = json.loads(progress.read_text())
+            self._check_same(state["header"])
+            self.complete_epochs = set(state["complete_epochs"])
+            self.arrays = {name: np.load(self.path / f"{name}.npy", mmap_mode="r+", allow_pickle=False) for name in self.specs}
+            return
+        if self.path.exists() and any(self.path.iterdir()):
+            raise UserError(f"{self.path} exists and is not a label store in progress; choose another --out or delete it")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.arrays = {
+            name: np.lib.format.open_memmap(self.path / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+            for name, (shape, dtype) in self.specs.items()
+        }
+        self.arrays["ids"][:] = self.ids
+        self.complete_epochs = set()
+        self._save_progress()
+
+    def _check_same(self, other: dict) -> None:
+        mine = json.loads(json.dumps(self.header))  # tuples become lists, as in the file
+        changed = sorted(key for key in mine if mine[key] != other.get(key))
+        if changed:
+            raise UserError(f"{self.path} holds labels made with other settings ({', '.join(changed)}); "
+                            "delete it or choose another output directory")
+        if not np.array_equal(np.load(self.path / "ids.npy", allow_pickle=False), self.ids):
+            raise UserError(f"{self.path} holds other record ids; delete it or choose another output directory")
+
+    def _save_progress(self) -> None:
+        _write_json(self.path / PROGRESS, {"header": self.header, "complete_epochs": sorted(self.complete_epochs)})
+
+    def rows_of_epoch(self, epoch: int) -> np.ndarray:
+        nb = self.header["batches_per_epoch"]
+        return np.flatnonzero((self.ids >= epoch * nb) & (self.ids < (epoch + 1) * nb))
+
+    def write(self, row: int, record: Record) -> None:
+        _put(self.arrays, row, record)
+
+    def flush(self) -> None:
+        for array in self.arrays.values():
+            array.flush()
+
+    def mark_epoch_complete(self, epoch: int) -> None:
+        """Record that every row of ``epoch`` is on disk (call after ``flush`` on all ranks)."""
+        self.complete_epochs.add(epoch)
+        self._save_progress()
+
+    def finish(self) -> Path:
+        """Checksum every array and write meta.json: from now on the store opens."""
+        if self.done:
+            return self.path
+        self.flush()
+        arrays = {
+            name: {"shape": list(shape), "dtype": dtype.str, "sha256": file_sha256(self.path / f"{name}.npy")}
+            for name, (shape, dtype) in self.specs.items()
+        }
+        self.arrays = {}
+        _write_json(self.path / META, dict(self.header, arrays=arrays))
+        (self.path / PROGRESS).unlink()
+        self.done = True
+        return self.path
+
+
+def _read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(handle)
+        if fortran:
+            raise ValueError("Fortran order")
+        return tuple(shape), dtype, handle.tell()
+
+
+class LabelStore:
+    """A finished label store, verified at open and read record by record through memmaps.
+
+    The memmaps are opened lazily in each process (``__getstate__`` drops them), so a
+    DataLoader worker that receives the store by pickling maps the files itself.
+    """
+
+    def __init__(self, path: Path, meta: dict):
+        self.path, self.meta = path, meta
+        self.specs = array_specs(meta)
+        self._arrays: dict[str, np.ndarray] = {}
+        self.ids = np.load(path / "ids.npy", allow_pickle=False)
+        total = meta["epochs"] * meta["batches_per_epoch"]
+        self._row_of = np.full(total, -1, dtype=np.int64)
+        self._row_of[self.ids] = np.arange(len(self.ids))
+
+    @classmethod
+    def open(cls, path: str | Path, expect_images: int | None = None, expect_classes: int | None = None,
+             verify_checksums: bool = True) -> "LabelStore":
+        """Open and verify a store; refuse (UserError) anything incomplete, corrupt or mismatched.
+
+        Sizes, shapes and dtypes are always checked against meta.json; the sha256 of every array
+        is checked too unless ``verify_checksums`` is False (hashing runs at roughly 1 GB/s, so a
+        100 GB store costs minutes: turn it off only for a store verified before).
+        """
+        path = Path(path)
+        if not (path / META).is_file():
+            if (path / PROGRESS).is_file():
+                raise UserError(f"{path}: label generation did not finish; rerun `lpld relabel` to resume it")
+            raise UserError(f"{path}: no label store here (meta.json missing); run `lpld relabel` first")
+        try:
+            meta = json.loads((path / META).read_text())
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path / META} is not valid JSON ({error}); regenerate the store") from None
+        if meta.get("format") != FORMAT:
+            raise UserError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}; regenerate the store")
+        for expected, key, what in ((expect_images, "num_images", "images"), (expect_classes, "num_classes", "classes")):
+            if expected is not None and meta[key] != expected:
+                raise UserError(f"{path}: labels were made for {meta[key]} {what}, but {expected} are given; "
+                                "use the label store made from these distilled images and this teacher")
+        if meta["batches_per_epoch"] != meta["num_images"] // meta["batch_size"]:
+            raise UserError(f"{path}: batches_per_epoch does not equal num_images // batch_size; the meta is corrupt")
+        specs = array_specs(meta)
+        if set(meta.get("arrays", {})) != set(specs):
+            raise UserError(f"{path}: meta lists arrays {sorted(meta.get('arrays', {}))}, expected {sorted(specs)}")
+        for name, (shape, dtype) in specs.items():
+            cls._verify_array(path, name, shape, dtype, meta["arrays"][name], verify_checksums)
+        store = cls(path, meta)
+        store._verify_contents()
+        return store
+
+    @staticmethod
+    def _verify_array(path: Path, name: str, shape, dtype, declared: dict, verify_checksum: bool) -> None:
+        file = path / f"{name}.npy"
+        if not file.is_file():
+            raise UserError(f"{path}: array file {file.name} is missing; regenerate or re-copy the store")
+        if tuple(declared["shape"]) != shape or np.dtype(declared["dtype"]) != dtype:
+            raise UserError(f"{path}: meta declares {name} as {declared['dtype']} {declared['shape']}, "
+                            f"expected {dtype.str} {list(shape)}; the meta is corrupt")
+        try:
+            file_shape, file_dtype, offset = _read_npy_header(file)
+        except ValueError as error:
+            raise UserError(f"{file}: not a plain .npy array ({error}); regenerate the store") from None
+        if file_shape != shape or file_dtype != dtype:
+            raise UserError(f"{file}: holds {file_dtype.str} {list(file_shape)}, meta says {dtype.str} {list(shape)}")
+        size = offset + int(np.prod(shape)) * dtype.itemsize
+        if file.stat().st_size != size:
+            raise UserError(f"{file}: {file.stat().st_size} bytes, expected {size} (truncated or padded); re-copy the store")
+        if verify_checksum and file_sha256(file) != declared["sha256"]:
+            raise UserError(f"{file}: sha256 differs from meta.json (corrupted or modified); re-copy or regenerate the store")
+
+    def _verify_contents(self) -> None:
+        """Ids and image indices in range, so a bad store fails here and not mid-training."""
+        total = len(self._row_of)
+        if len(self.ids) and (np.any(np.diff(self.ids) <= 0) or self.ids[0] < 0 or self.ids[-1] >= total):
+            raise UserError(f"{self.path}: record ids are not increasing within [0, {total}); the store is corrupt")
+        img_idx = self.array("img_idx")
+        if img_idx.size and (img_idx.min() < 0 or img_idx.max() >= self.meta["num_images"]):
+            raise UserError(f"{self.path}: image indices outside [0, {self.meta['num_images']}); the store is corrupt")
+
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__, _arrays={})
+
+    def array(self, name: str) -> np.ndarray:
+        """The read-only memmap of one array, opened on first use in this process."""
+        if name not in self._arrays:
+            self._arrays[name] = np.load(self.path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+        return self._arrays[name]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.meta["batches_per_epoch"]
+
+    @property
+    def fingerprint(self) -> str:
+        """The checksums of all arrays, hashed: names this exact label set."""
+        return file_sha256(self.path / META)
+
+    def row(self, g: int) -> int:
+        row = int(self._row_of[g]) if 0 <= g < len(self._row_of) else -1
+        if row < 0:
+            raise KeyError(f"record {g} is not in the label store {self.path}")
+        return row
+
+    def record(self, g: int) -> Record:
+        """Record with global id ``g`` (O(1): one lookup, then one slice per array)."""
+        r = self.row(g)
+        arrays = {name: self.array(name) for name in self.specs}
+        record = Record(img_idx=np.array(arrays["img_idx"][r]), crop=np.array(arrays["crop"][r]),
+                        flip=np.array(arrays["flip"][r]), logits=np.array(arrays["logits"][r]))
+        if "cutout_box" in arrays:
+            record.cutout = Cutout(box=np.array(arrays["cutout_box"][r]), fill=np.array(arrays["cutout_fill"][r]))
+        if "mix_perm" in arrays:
+            record.mix_perm = np.array(arrays["mix_perm"][r])
+            record.mix_lam = float(arrays["mix_lam"][r])
+            record.mix_box = np.array(arrays["mix_box"][r])
+        return record
+
+
+def storage_report(store: LabelStore) -> dict:
+    """Bytes on disk next to what the full label set would cost (SPEC.md section 10.11)."""
+    files = {name: (store.path / f"{name}.npy").stat().st_size for name in store.specs}
+    data = {name: int(np.prod(shape)) * dtype.itemsize for name, (shape, dtype) in store.specs.items()}
+    meta = store.meta
+    full_records = meta["epochs"] * meta["batches_per_epoch"]
+    per_record = sum(data.values()) / max(len(store), 1)
+    return {
+        "records": len(store),
+        "full_records": full_records,
+        "compression_factor": full_records / max(len(store), 1),
+        "bytes_on_disk": sum(files.values()) + (store.path / META).stat().st_size,
+        "bytes_per_array": files,
+        "full_bytes": int(per_record * full_records),
+        "paper_logit_bytes": meta["epochs"] * meta["num_images"] * meta["num_classes"] * 2,
+    }
+
+
+def _info(args: argparse.Namespace) -> None:
+    store = LabelStore.open(args.path, verify_checksums=not args.no_verify)
+    report = storage_report(store)
+    meta = store.meta
+    print(f"{store.path}: {report['records']} of {report['full_records']} records "
+          f"({meta['epochs']} epochs x {meta['batches_per_epoch']} batches of {meta['batch_size']} images, "
+          f"{meta['num_classes']} classes, logits {meta['arrays']['logits']['dtype']})")
+    for name, size in report["bytes_per_array"].items():
+        print(f"  {name:12s} {size:>16,d} bytes")
+    print(f"  on disk      {report['bytes_on_disk']:>16,d} bytes = {report['bytes_on_disk'] / GIB:.4f} GiB")
+    print(f"  full labels  {report['full_bytes']:>16,d} bytes = {report['full_bytes'] / GIB:.4f} GiB "
+          f"(logits alone E*N*K*2 = {report['paper_logit_bytes'] / GIB:.4f} GiB)")
+    print(f"  compression  {report['compression_factor']:.2f}x")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("labels", help="inspect a label store")
+    actions = parser.add_subparsers(dest="action", required=True)
+    info = actions.add_parser("info", help="sizes on disk (bytes, GiB) against full labels, and the compression factor")
+    info.add_argument("path", help="label store directory")
+    info.add_argument("--no-verify", action="store_true", help="skip the sha256 check of every array (sizes are still checked)")
+    info.set_defaults(func=_info)

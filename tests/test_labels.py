@@ -1,0 +1,171 @@
+"""Label store: what is written is what is read, and damaged or mismatched stores are refused at open."""
+import argparse
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from lpld import augment, labels
+from lpld.errors import UserError
+from lpld.labels import LabelStore, LabelStoreWriter
+
+N, B, K, C, E, SIZE = 23, 5, 7, 3, 3, 16  # nb = 4: the last 3 images of each epoch order are not labelled
+
+
+def _header(flip="flip", mix="cutmix"):
+    return {
+        "num_images": N, "channels": C, "image_size": [20, 24], "batch_size": B, "num_classes": K, "epochs": E,
+        "batches_per_epoch": N // B, "size": SIZE, "flip": flip, "mix": mix, "seeds": {"relabel": 1},
+        "prune": [], "dataset_fingerprint": "d", "teacher_fingerprint": "t", "logits_dtype": "float16",
+    }
+
+
+def _random_record(generator, flip, mix):
+    record = augment.Record(
+        img_idx=torch.randperm(N, generator=generator)[:B].numpy(),
+        crop=augment.sample_crop_boxes(generator, B, 20, 24),
+        flip=augment.sample_flips(generator, B),
+        logits=(torch.randn(B, K, generator=generator) * 10).to(torch.float16).numpy(),
+    )
+    if flip == "cutout":
+        record.cutout = augment.sample_cutout(generator, B, SIZE, SIZE, C)
+    if mix == "cutmix":
+        mix_ = augment.sample_cutmix(generator, B, SIZE, SIZE)
+        record.mix_perm, record.mix_lam, record.mix_box = mix_.perm, mix_.lam, mix_.box
+    return record
+
+
+def write_store(path, ids, flip="flip", mix="cutmix", seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    writer = LabelStoreWriter(path, _header(flip, mix), ids)
+    written = {}
+    for row, g in enumerate(ids):
+        written[int(g)] = _random_record(generator, flip, mix)
+        writer.write(row, written[int(g)])
+    writer.finish()
+    return written
+
+
+@pytest.mark.parametrize("flip,mix", [("flip", "cutmix"), ("cutout", "none")])
+def test_round_trip(tmp_path, flip, mix):
+    ids = np.array([0, 3, 4, 9, 11])
+    written = write_store(tmp_path / "s", ids, flip, mix)
+    store = LabelStore.open(tmp_path / "s", expect_images=N, expect_classes=K)
+    assert len(store) == 5 and store.batches_per_epoch == 4 and store.ids.tolist() == ids.tolist()
+    for g, want in written.items():
+        got = store.record(g)
+        for name in ("img_idx", "crop", "flip", "logits"):
+            np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+        assert got.logits.dtype == np.float16
+        if mix == "cutmix":
+            np.testing.assert_array_equal(got.mix_perm, want.mix_perm)
+            np.testing.assert_array_equal(got.mix_box, want.mix_box)
+            assert got.mix_lam == want.mix_lam
+        else:
+            assert got.mix_perm is None and got.mix_lam is None
+        if flip == "cutout":
+            np.testing.assert_array_equal(got.cutout.box, want.cutout.box)
+            np.testing.assert_array_equal(got.cutout.fill, want.cutout.fill)
+        else:
+            assert got.cutout is None
+    with pytest.raises(KeyError):
+        store.record(1)
+    meta = json.loads((tmp_path / "s" / "meta.json").read_text())
+    assert meta["num_records"] == 5 and all(len(a["sha256"]) == 64 for a in meta["arrays"].values())
+
+
+def test_store_pickles_without_its_memmaps(tmp_path):
+    written = write_store(tmp_path / "s", np.arange(4))
+    store = LabelStore.open(tmp_path / "s")
+    store.record(2)
+    assert store._arrays
+    copy = pickle.loads(pickle.dumps(store))
+    assert copy._arrays == {}
+    np.testing.assert_array_equal(copy.record(2).logits, written[2].logits)
+
+
+@pytest.fixture
+def store_path(tmp_path):
+    write_store(tmp_path / "s", np.arange(12))
+    return tmp_path / "s"
+
+
+def test_flipped_byte_is_detected(store_path):
+    data = bytearray((store_path / "logits.npy").read_bytes())
+    data[-3] ^= 0x01
+    (store_path / "logits.npy").write_bytes(bytes(data))
+    with pytest.raises(UserError, match="sha256"):
+        LabelStore.open(store_path)
+    LabelStore.open(store_path, verify_checksums=False)  # the opt-out still checks sizes, not bytes
+
+
+def test_truncated_file_is_detected_even_without_checksums(store_path):
+    data = (store_path / "crop.npy").read_bytes()
+    (store_path / "crop.npy").write_bytes(data[:-16])
+    with pytest.raises(UserError, match="truncated"):
+        LabelStore.open(store_path, verify_checksums=False)
+
+
+def test_missing_file_and_wrong_dtype_are_refused(store_path):
+    np.save(store_path / "logits.npy", np.zeros((12, B, K), dtype=np.float32))
+    with pytest.raises(UserError, match="float32|<f4"):
+        LabelStore.open(store_path, verify_checksums=False)
+    (store_path / "flip.npy").unlink()
+    with pytest.raises(UserError, match="flip.npy is missing"):
+        LabelStore.open(store_path)
+
+
+def test_pickled_array_is_refused(store_path):
+    np.save(store_path / "flip.npy", np.empty((12, B), dtype=object), allow_pickle=True)
+    with pytest.raises(UserError):
+        LabelStore.open(store_path, verify_checksums=False)
+
+
+def test_mismatched_counts_are_refused(store_path):
+    with pytest.raises(UserError, match="23 images, but 24"):
+        LabelStore.open(store_path, expect_images=24)
+    with pytest.raises(UserError, match="7 classes, but 1000"):
+        LabelStore.open(store_path, expect_classes=1000)
+    meta = json.loads((store_path / "meta.json").read_text())
+    meta["num_classes"] = 8  # meta edited: the arrays no longer match what it declares
+    (store_path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="logits"):
+        LabelStore.open(store_path, verify_checksums=False)
+
+
+def test_out_of_range_image_index_is_refused(tmp_path):
+    writer = LabelStoreWriter(tmp_path / "s", _header(), np.arange(2))
+    record = _random_record(torch.Generator().manual_seed(0), "flip", "cutmix")
+    record.img_idx = np.full(B, N)
+    writer.write(0, record)
+    writer.write(1, record)
+    writer.finish()
+    with pytest.raises(UserError, match="image indices"):
+        LabelStore.open(tmp_path / "s")
+
+
+def test_unfinished_store_and_other_settings_are_refused(tmp_path):
+    LabelStoreWriter(tmp_path / "s", _header(), np.arange(4))
+    with pytest.raises(UserError, match="did not finish"):
+        LabelStore.open(tmp_path / "s")
+    with pytest.raises(UserError, match="batch_size"):
+        LabelStoreWriter(tmp_path / "s", dict(_header(), batch_size=4, batches_per_epoch=5), np.arange(4))
+    with pytest.raises(UserError, match="no label store"):
+        LabelStore.open(tmp_path / "nothing")
+
+
+def test_info_reports_bytes_and_compression(store_path, capsys):
+    store = LabelStore.open(store_path)
+    report = labels.storage_report(store)
+    per_record = B * K * 2 + B * 4 + B * 16 + B + B * 4 + 8 + 16 + 8  # logits, img_idx, crop, flip, perm, lam, box, id
+    assert report["full_records"] == 12 and report["compression_factor"] == 1.0
+    assert report["full_bytes"] == per_record * 12
+    assert report["paper_logit_bytes"] == E * N * K * 2
+    assert report["bytes_on_disk"] == sum(p.stat().st_size for p in store_path.iterdir())
+    parser = argparse.ArgumentParser()
+    labels.register(parser.add_subparsers())
+    args = parser.parse_args(["labels", "info", str(store_path)])
+    args.func(args)
+    assert "compression  1.00x" in capsys.readouterr().out
