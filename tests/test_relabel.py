@@ -1,0 +1,142 @@
+"""Relabel: seeded records, teacher logits on exactly the replayed batch, resume, rank split, less-label runs."""
+import filecmp
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lpld import augment, distributed, prune, relabel
+from lpld.errors import UserError
+from lpld.labels import LabelStore
+from lpld.recipes import get_recipe
+
+N = 23  # with batch 5: 4 batches per epoch, 3 images of each epoch order unlabelled
+
+
+def _recipe(**relabel_values):
+    values = {"epochs": 3, "batch_size": 5, **relabel_values}
+    return get_recipe("fmnist", [f"relabel.{k}={v}" for k, v in values.items()] + ["data.resolution=20"])
+
+
+def _teacher():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(3), nn.Flatten(), nn.Linear(36, 10))
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randint(0, 256, (N, 1, 28, 28), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+
+
+def _generate(path, images, recipe=None, teacher=None, ids=None, header=None):
+    recipe = recipe or _recipe()
+    header = header or relabel.label_header(recipe, images, "data-fp", "teacher-fp")
+    relabel.generate(teacher or _teacher(), images, path, header, ids)
+    return LabelStore.open(path, expect_images=N, expect_classes=10)
+
+
+def _same_store(a, b):
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    match, mismatch, errors = filecmp.cmpfiles(a, b, names, shallow=False)
+    assert mismatch == [] and errors == []
+
+
+def test_records_regenerate_from_the_seed(tmp_path, images):
+    store = _generate(tmp_path / "s", images)
+    header = store.meta
+    assert len(store) == 12 and store.batches_per_epoch == 4 and "excluded" in header["partial_batches"]
+    orders = []
+    for epoch in range(3):
+        again = relabel.epoch_records(header, epoch)
+        for b, record in enumerate(again):
+            stored = store.record(epoch * 4 + b)
+            for name in ("img_idx", "crop", "flip", "mix_perm", "mix_box"):
+                np.testing.assert_array_equal(getattr(stored, name), getattr(record, name))
+            assert stored.mix_lam == record.mix_lam
+        order = np.concatenate([r.img_idx for r in again])
+        assert len(set(order.tolist())) == 20 and order.max() < N  # 4 disjoint batches of one permutation
+        orders.append(order)
+    assert not np.array_equal(orders[0], orders[1])
+    assert relabel.epoch_records(dict(header, seeds={"relabel": 43}), 0)[0].crop.tolist() != store.record(0).crop.tolist()
+
+
+def test_teacher_saw_the_replayed_batch_and_its_logits_are_stored(tmp_path, images):
+    teacher, seen = _teacher(), []
+    teacher.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].clone()))
+    store = _generate(tmp_path / "s", images, teacher=teacher)
+    meta = store.meta
+    for g in range(len(store)):
+        record = store.record(g)
+        batch = augment.replay(images, record, meta["size"], meta["mean"], meta["std"])
+        assert torch.equal(batch, seen[g])  # bit for bit: relabel and training replay are one function
+        with torch.no_grad():
+            reference = teacher.double()(batch.double()).float()
+            teacher.float()
+        torch.testing.assert_close(torch.from_numpy(record.logits).float(), reference, rtol=1e-3, atol=1e-2)
+
+
+def test_cutout_recipe_stores_cutouts_and_no_mix(tmp_path, images):
+    store = _generate(tmp_path / "s", images, _recipe(flip="cutout", mix="none"))
+    record = store.record(5)
+    assert record.cutout is not None and record.mix_perm is None and not record.flip.any()
+    y1, y2, x1, x2 = record.cutout.box.T
+    assert ((y2 - y1) <= 10).all() and ((x2 - x1) <= 10).all() and ((y2 - y1) >= 5).all()
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, images):
+    _generate(tmp_path / "full", images)
+    teacher, calls = _teacher(), [0]
+
+    def interrupt(module, inputs):
+        calls[0] += 1
+        if calls[0] == 7:  # during the second epoch
+            raise KeyboardInterrupt
+
+    handle = teacher.register_forward_pre_hook(interrupt)
+    header = relabel.label_header(_recipe(), images, "data-fp", "teacher-fp")
+    with pytest.raises(KeyboardInterrupt):
+        relabel.generate(teacher, images, tmp_path / "resumed", header)
+    with pytest.raises(UserError, match="did not finish"):
+        LabelStore.open(tmp_path / "resumed")
+    handle.remove()
+    counted = []
+    teacher.register_forward_pre_hook(lambda module, inputs: counted.append(1))
+    relabel.generate(teacher, images, tmp_path / "resumed", header)
+    assert len(counted) == 8  # epoch 0 was complete and is not recomputed
+    _same_store(tmp_path / "full", tmp_path / "resumed")
+    with pytest.raises(UserError, match="batch_size"):
+        other = relabel.label_header(_recipe(batch_size=4), images, "data-fp", "teacher-fp")
+        relabel.generate(teacher, images, tmp_path / "resumed", other)
+
+
+def test_two_ranks_write_the_single_process_store(tmp_path, images, monkeypatch):
+    _generate(tmp_path / "single", images)
+    header = relabel.label_header(_recipe(), images, "data-fp", "teacher-fp")
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    for rank in (1, 0):  # rank 1 writes its rows first; rank 0 writes the rest and the meta
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+        monkeypatch.setattr(distributed, "is_main", lambda rank=rank: rank == 0)
+        relabel.generate(_teacher(), images, tmp_path / "ranks", header)
+    _same_store(tmp_path / "single", tmp_path / "ranks")
+
+
+@pytest.mark.parametrize("pool", ["random", "subset", "epoch"])
+def test_generate_only_kept_equals_pruning_a_full_store(tmp_path, images, pool):
+    recipe = _recipe(epochs=8)
+    full = _generate(tmp_path / "full", images, recipe)
+    pruned = prune.prune_store(full, tmp_path / "pruned", 0.75, pool, seed=3)
+    header = relabel.label_header(recipe, images, "data-fp", "teacher-fp")
+    kept = prune.select_pool(np.arange(32), 4, 0.75, pool, 3)
+    counted = []
+    teacher = _teacher()
+    teacher.register_forward_pre_hook(lambda module, inputs: counted.append(1))
+    relabel.generate(teacher, images, tmp_path / "kept", prune.pruned_header(header, 0.75, pool, 3), kept)
+    assert len(counted) == len(kept) == 8
+    _same_store(pruned, tmp_path / "kept")
+
+
+def test_too_few_images_for_one_batch_is_refused(images):
+    with pytest.raises(UserError, match="cannot fill one batch"):
+        relabel.label_header(_recipe(batch_size=24), images, "d", "t")
