@@ -87,8 +87,11 @@ def _moments_backward_kernel(
 
 
 @functools.lru_cache
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+def wanted_programs(device: torch.device) -> int:
+    """Enough programs to fill a GPU; one on the CPU, where the interpreter pays per program."""
+    if device.type != "cuda":
+        return 1
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 class _Tiling:
@@ -110,9 +113,8 @@ class _Tiling:
             self.block_hw = min(triton.next_power_of_2(self.hw), MAX_TILE)
             self.block_c = min(triton.next_power_of_2(channels), MAX_TILE // self.block_hw)
         programs = batch * triton.cdiv(channels, self.block_c)
-        wanted = 4 * _multiprocessors(x.device) if x.is_cuda else 1
         hw_blocks = triton.cdiv(self.hw, self.block_hw)
-        splits = min(hw_blocks, max(1, triton.cdiv(wanted, programs)))
+        splits = min(hw_blocks, max(1, triton.cdiv(wanted_programs(x.device), programs)))
         self.chunk = triton.cdiv(hw_blocks, splits) * self.block_hw
         self.chunks = triton.cdiv(self.hw, self.chunk)
         self.grid = (batch, triton.cdiv(channels, self.block_c), self.chunks)
