@@ -140,3 +140,29 @@ def test_generate_only_kept_equals_pruning_a_full_store(tmp_path, images, pool):
 def test_too_few_images_for_one_batch_is_refused(images):
     with pytest.raises(UserError, match="cannot fill one batch"):
         relabel.label_header(_recipe(batch_size=24), images, "d", "t")
+
+
+def test_relabel_command_on_a_run_directory(tmp_path, images, capsys):
+    from torchvision.io import write_png
+
+    from lpld import data, models
+    from lpld.workdir import WorkDir
+
+    recipe = get_recipe("fmnist", ["relabel.epochs=2", "relabel.batch_size=5", "prune.ratio=0.5"])
+    workdir = WorkDir(tmp_path / "run")
+    torch.manual_seed(0)
+    teacher = models.build_model(recipe.model.arch, 10, recipe.data.channels, recipe.model.stem)
+    models.save_teacher(workdir.teacher, teacher, recipe)
+    for i in range(12):
+        folder = workdir.distilled / f"c{i % 2:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        write_png(images[i], str(folder / f"c{i % 2:05d}_i{i:04d}.png"))
+    relabel.relabel(recipe, workdir, "cpu")
+    assert "relabel: 4 records (20 images)" in capsys.readouterr().out
+    store = LabelStore.open(workdir.labels, expect_images=12, expect_classes=10)
+    assert store.meta["teacher_fingerprint"] == models.model_fingerprint(teacher)
+    assert store.meta["dataset_fingerprint"] == data.load_distilled(workdir.distilled, 1).fingerprint
+    relabel.relabel(recipe, workdir, "cpu", only_kept=True)
+    kept = LabelStore.open(prune.pruned_path(workdir, 0.5))
+    assert kept.ids.tolist() == [0, 1] and kept.meta["prune"][0]["ratio"] == 0.5
+    np.testing.assert_array_equal(kept.record(1).logits, store.record(1).logits)
