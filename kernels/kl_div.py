@@ -54,7 +54,7 @@ def _soft_kl_kernel(
         k = start + tl.arange(0, BLOCK_K)
         s = tl.load(student_row + k, mask=k < K, other=0.0).to(tl.float32) * inv_temperature
         t = tl.load(teacher_row + k, mask=k < K, other=-float("inf")).to(tl.float32) * inv_temperature
-        log_p_s = s - lse_s
+        log_p_s = tl.minimum(s - lse_s, 0.0)  # <= 0 anyway; keeps masked lanes (s = 0) from overflowing
         log_p_t = t - lse_t
         p_t = tl.exp(log_p_t)
         loss += p_t * tl.where(p_t > 0.0, log_p_t - log_p_s, 0.0)
