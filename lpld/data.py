@@ -1,0 +1,280 @@
+"""Real and distilled images as uint8 [C, H, W] tensors, from the layouts people actually have.
+
+Real data: Fashion-MNIST's original IDX files (Debian's ``dataset-fashion-mnist`` or a torchvision
+download), any ImageFolder ``train/`` + ``val/`` tree (ImageNet-1K, ImageNet-21K-P) and the
+Tiny-ImageNet layout. Nothing is downloaded; a wrong path or a damaged file is a ``UserError``
+that says how to fix it. Distilled data: the ImageFolder that ``lpld recover`` writes, decoded
+once into one tensor whose index order is the label store's ``img_idx`` (SPEC.md section 11.3).
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+
+from .errors import UserError
+from .fingerprint import tensors_sha256
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                  "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FMNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+FMNIST_HELP = ("install Debian's package (`apt-get install dataset-fashion-mnist`, files in "
+               "/usr/share/datasets/fashion-mnist) or point --data at a torchvision FashionMNIST download "
+               "(its FashionMNIST/raw folder)")
+IDX_UBYTE = 0x08
+
+
+class RealImages(Dataset):
+    """A labelled real split: item i is (transform(uint8 [C, H, W]), label).
+
+    Images are either held in memory (``pixels``, Fashion-MNIST) or decoded from ``files`` on
+    access (ImageFolder, Tiny-ImageNet), so DataLoader workers do the decoding.
+    """
+
+    def __init__(self, classes: list[str], targets: torch.Tensor, fingerprint: str, channels: int,
+                 transform: Callable | None = None, pixels: torch.Tensor | None = None,
+                 files: list[str] | None = None):
+        self.classes, self.targets, self.fingerprint = classes, targets, fingerprint
+        self.channels, self.transform, self.pixels, self.files = channels, transform, pixels, files
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        if self.pixels is not None:
+            image = self.pixels[index].expand(self.channels, -1, -1)
+        else:
+            image = decode_file(self.files[index], self.channels)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.targets[index])
+
+
+@dataclass(frozen=True)
+class DistilledImages:
+    """A synthetic set in one tensor; index i is image i of the sorted listing everywhere."""
+
+    images: torch.Tensor  # uint8 [N, C, H, W]
+    labels: torch.Tensor  # int64 [N]
+    classes: list[str]
+    files: list[str]
+    fingerprint: str
+
+
+def decode_file(path: str, channels: int) -> torch.Tensor:
+    """Decode one image file to uint8 [channels, H, W] (grey for 1 channel, RGB for 3)."""
+    mode = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}.get(channels)
+    if mode is None:
+        raise UserError(f"data.channels must be 1 or 3 for image files, not {channels}")
+    try:
+        return decode_image(path, mode=mode)
+    except RuntimeError as error:
+        raise UserError(f"cannot decode image {path} ({error}); remove or replace the file") from None
+
+
+def load_real(data, split: str, transform: Callable | None = None) -> RealImages:
+    """The real ``split`` ("train" or "val") of ``data`` (a recipe's DataConfig).
+
+    "val" is Fashion-MNIST's t10k set, an ImageFolder's val/ and Tiny-ImageNet's val/images with
+    val_annotations.txt. The class list always comes from the train split, so labels agree.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+    if data.root is None:
+        raise UserError(f"recipe data set {data.dataset!r} has no default location: pass --data PATH")
+    root = Path(data.root)
+    if not root.is_dir():
+        hint = FMNIST_HELP if data.dataset == "fmnist" else "pass --data pointing at the data set's root folder"
+        raise UserError(f"data folder {root} does not exist: {hint}")
+    if data.dataset == "fmnist":
+        dataset = _fashion_mnist(root, split, data.channels, transform)
+    elif data.dataset in ("imagefolder", "tiny"):
+        dataset = _folder_split(root, split, data.dataset, data.channels, transform)
+    else:
+        raise UserError(f"unknown data.dataset {data.dataset!r}; choose fmnist, imagefolder or tiny")
+    if len(dataset.classes) != data.num_classes:
+        raise UserError(f"{root} has {len(dataset.classes)} classes but the recipe expects {data.num_classes}; "
+                        f"check --data or --set data.num_classes={len(dataset.classes)}")
+    return dataset
+
+
+def _fashion_mnist(root: Path, split: str, channels: int, transform) -> RealImages:
+    if channels not in (1, 3):
+        raise UserError(f"Fashion-MNIST is greyscale: data.channels must be 1 or 3 (replicated), not {channels}")
+    paths = [_find_idx(root, name) for name in FMNIST_FILES[split]]
+    images, labels = read_idx(paths[0]), read_idx(paths[1])
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise UserError(f"{paths[0]} and {paths[1]} do not form an image/label pair "
+                        f"(shapes {images.shape} and {labels.shape}); {FMNIST_HELP}")
+    if labels.size and labels.max() >= len(FMNIST_CLASSES):
+        raise UserError(f"{paths[1]} has label {labels.max()}, Fashion-MNIST has 10 classes; {FMNIST_HELP}")
+    pixels = torch.from_numpy(images).unsqueeze(1)
+    targets = torch.from_numpy(labels.astype(np.int64))
+    fingerprint = tensors_sha256({"images": pixels, "labels": targets})[:16]
+    return RealImages(list(FMNIST_CLASSES), targets, fingerprint, channels, transform, pixels=pixels)
+
+
+def _find_idx(root: Path, name: str) -> Path:
+    for folder in (root, root / "FashionMNIST" / "raw"):
+        for candidate in (folder / name, folder / f"{name}.gz"):
+            if candidate.is_file():
+                return candidate
+    raise UserError(f"{name}[.gz] not found in {root} or {root / 'FashionMNIST' / 'raw'}: {FMNIST_HELP}")
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Parse an IDX file (gzip or not) of unsigned bytes, checking its magic number and size."""
+    path = Path(path)
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as handle:
+                raw = handle.read()
+        else:
+            raw = path.read_bytes()
+    except (OSError, EOFError, zlib.error) as error:
+        raise UserError(f"{path} is damaged ({error}); {FMNIST_HELP}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != IDX_UBYTE or not 1 <= raw[3] <= 4:
+        raise UserError(f"{path} is not an IDX file of unsigned bytes (bad magic number); {FMNIST_HELP}")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise UserError(f"{path} is truncated (header incomplete); {FMNIST_HELP}")
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    if len(raw) - header != int(np.prod(shape)):
+        raise UserError(f"{path} holds {len(raw) - header} bytes of data but its header says {shape} "
+                        f"({int(np.prod(shape))} bytes): the file is truncated or damaged; {FMNIST_HELP}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()
+
+
+def _folder_split(root: Path, split: str, layout: str, channels: int, transform) -> RealImages:
+    """ImageFolder ``<root>/<split>/<class>/*`` or Tiny-ImageNet (train/<wnid>/images, val/images)."""
+    classes = _class_folders(root / "train")
+    if layout == "tiny" and split == "val":
+        files, labels = _tiny_val(root, classes)
+    else:
+        folder = root / split
+        if split == "val":
+            unknown = sorted(set(_class_folders(folder)) - set(classes))
+            if unknown:
+                raise UserError(f"{folder} has class folders missing from {root / 'train'}: {unknown[:5]}; "
+                                "train/ and val/ must name the same classes")
+        files, labels = [], []
+        for label, name in enumerate(classes):
+            class_dir = folder / name / "images" if layout == "tiny" else folder / name
+            found = _image_files(class_dir) if class_dir.is_dir() else []
+            if split == "train" and not found:
+                raise UserError(f"class folder {class_dir} has no images ({', '.join(IMAGE_SUFFIXES)}); "
+                                "remove it or add its images")
+            files += [str(class_dir / f) for f in found]
+            labels += [label] * len(found)
+    if not files:
+        raise UserError(f"no images found for split {split!r} under {root}")
+    return RealImages(classes, torch.tensor(labels, dtype=torch.int64), _listing_fingerprint(files),
+                      channels, transform, files=files)
+
+
+def _class_folders(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        raise UserError(f"{folder} does not exist: --data must hold train/<class>/... and val/... folders")
+    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    if not classes:
+        raise UserError(f"{folder} has no class folders: expected {folder}/<class>/<image files>")
+    return classes
+
+
+def _image_files(folder: Path) -> list[str]:
+    return sorted(entry.name for entry in os.scandir(folder)
+                  if entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES))
+
+
+def _tiny_val(root: Path, classes: list[str]) -> tuple[list[str], list[int]]:
+    """Tiny-ImageNet's val/images listed in val/val_annotations.txt (file, wnid, box)."""
+    annotations = root / "val" / "val_annotations.txt"
+    if not annotations.is_file():
+        raise UserError(f"{annotations} not found: the Tiny-ImageNet layout needs val/images and val_annotations.txt")
+    index = {name: label for label, name in enumerate(classes)}
+    files, labels = [], []
+    for line_no, line in enumerate(annotations.read_text().splitlines(), 1):
+        fields = line.split("\t")
+        if not line.strip():
+            continue
+        if len(fields) < 2 or fields[1] not in index:
+            raise UserError(f"{annotations} line {line_no}: expected '<file>\\t<wnid>...' with a wnid of train/")
+        path = root / "val" / "images" / fields[0]
+        if not path.is_file():
+            raise UserError(f"{path} (listed in {annotations}) does not exist")
+        files.append(str(path))
+        labels.append(index[fields[1]])
+    order = sorted(range(len(files)), key=files.__getitem__)
+    return [files[i] for i in order], [labels[i] for i in order]
+
+
+def _listing_fingerprint(files: list[str]) -> str:
+    """Hash of the file names and sizes: cheap even for ImageNet, and it changes if files do."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{Path(path).parent.name}/{Path(path).name}|{os.path.getsize(path)}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def load_distilled(path: str | Path, channels: int) -> DistilledImages:
+    """Decode a synthetic ImageFolder once: sorted class folders, sorted files, one uint8 tensor."""
+    root = Path(path)
+    if not root.is_dir():
+        raise UserError(f"distilled image folder {root} does not exist: run `lpld recover` first")
+    classes = _class_folders(root)
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        found = _image_files(root / name)
+        if not found:
+            raise UserError(f"distilled class folder {root / name} is empty: rerun `lpld recover`")
+        files += [f"{name}/{f}" for f in found]
+        labels += [label] * len(found)
+    decoded = [decode_file(str(root / f), channels) for f in files]
+    sizes = sorted({tuple(image.shape) for image in decoded})
+    if len(sizes) != 1:
+        raise UserError(f"distilled images in {root} differ in size ({sizes[:3]}); all must share one size")
+    images = torch.stack(decoded)
+    targets = torch.tensor(labels, dtype=torch.int64)
+    fingerprint = tensors_sha256({"images": images, "labels": targets})[:16]
+    return DistilledImages(images, targets, classes, files, fingerprint)
+
+
+def train_transform(data, scale: tuple[float, float] = (0.08, 1.0), kind: str = "rrc") -> v2.Compose:
+    """Training augmentation on uint8 [C, H, W]: crop + flip, then float and the recipe's normalisation.
+
+    kind "rrc": RandomResizedCrop(resolution, scale, bilinear) as in SPEC.md section 2 (the class-BN
+    pass) and teacher training on ImageNet; "pad-crop": resize to the resolution, pad 2 and crop
+    back (the usual small-image teacher augmentation).
+    """
+    if kind == "rrc":
+        crop = [v2.RandomResizedCrop(data.resolution, scale=tuple(scale), antialias=True)]
+    elif kind == "pad-crop":
+        crop = [v2.Resize((data.resolution, data.resolution), antialias=True),
+                v2.RandomCrop(data.resolution, padding=2)]
+    else:
+        raise UserError(f"unknown augmentation {kind!r}; choose rrc or pad-crop")
+    return v2.Compose([*crop, v2.RandomHorizontalFlip(), *_to_normalized_float(data)])
+
+
+def eval_transform(data) -> v2.Compose:
+    """Evaluation view: Resize(eval_resize) + CenterCrop(eval_crop) when set (ImageNet), else the resolution."""
+    resize = data.eval_resize or data.resolution
+    crop = data.eval_crop or data.resolution
+    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(crop), *_to_normalized_float(data)])
+
+
+def _to_normalized_float(data) -> list:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(data.mean), list(data.std))]
