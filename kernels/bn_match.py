@@ -190,14 +190,14 @@ def group_moments_reference(x: torch.Tensor, groups: torch.Tensor, num_groups: i
 
 
 def _matching_loss(mean, var, count, target_mean, target_var, rms: bool) -> torch.Tensor:
-    present = count > 0
+    """Masked by ``count > 0`` rather than indexed, so no host sync happens on CUDA."""
     distance = (
-        torch.linalg.vector_norm(target_mean.to(mean.dtype)[present] - mean[present], dim=1)
-        + torch.linalg.vector_norm(target_var.to(var.dtype)[present] - var[present], dim=1)
+        torch.linalg.vector_norm(target_mean.to(mean.dtype) - mean, dim=1)
+        + torch.linalg.vector_norm(target_var.to(var.dtype) - var, dim=1)
     )
     if rms:
         distance = distance / math.sqrt(mean.shape[1])
-    return distance.sum()
+    return torch.where(count > 0, distance, 0.0).sum()
 
 
 def class_bn_loss(x, groups, target_mean, target_var, *, rms=False, backend=None) -> torch.Tensor:

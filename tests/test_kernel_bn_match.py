@@ -101,13 +101,16 @@ def test_moments_survive_a_large_common_offset(programs, monkeypatch):
 
 
 def test_groups_without_samples_add_nothing():
+    """Empty groups 0 and 3; group 3's zero targets equal its zero moments (a norm at 0)."""
     x, groups, target_mean, target_var = make_inputs(4, 5, 3, 3, num_groups=2)
-    with_empty = lpld_kernels.class_bn_loss(
-        x, groups + 1, torch.cat([target_mean[:1] + 7, target_mean, target_mean[:1] - 3]),
-        torch.cat([target_var[:1] + 7, target_var, target_var[:1] + 3]), backend="triton",
+    zeros = torch.zeros_like(target_mean[:1])
+    with_empty, grad = loss_and_grad(
+        x, groups + 1, torch.cat([target_mean[:1] + 7, target_mean, zeros]),
+        torch.cat([target_var[:1] + 7, target_var, zeros]),
     )
-    without = lpld_kernels.class_bn_loss(x, groups, target_mean, target_var, backend="torch")
+    without, ref_grad = loss_and_grad(x, groups, target_mean, target_var, backend="torch")
     torch.testing.assert_close(with_empty, without, rtol=LOSS_RTOL, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=GRAD_RTOL[torch.float32], atol=1e-7)
 
 
 def test_rms_divides_each_norm_by_sqrt_channels():
