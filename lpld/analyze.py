@@ -1,0 +1,109 @@
+"""Analyses of distilled (or real) image sets.
+
+``diversity`` (paper Table 1): the mean cosine similarity between the teacher's penultimate
+features of two different images of the same class. Class-wise recovery is meant to lower it
+against SRe2L's across-class batches, where every image of a class is pushed to the same global
+statistics.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import data, distributed, models
+from .errors import UserError
+from .recipes import Recipe, add_recipe_arguments, recipe_from_args
+from .workdir import WorkDir
+
+
+@dataclass(frozen=True)
+class Diversity:
+    per_class: dict[str, float]  # class name -> mean within-class cosine similarity
+    mean: float  # over classes with at least two images
+
+    def to_dict(self) -> dict:
+        return {"mean_cosine": self.mean, "per_class": self.per_class}
+
+
+def penultimate_features(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The input of the model's last ``nn.Linear`` (the classifier) for each image, flattened.
+
+    A forward hook keeps this independent of the architecture.
+    """
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        raise UserError("the teacher has no nn.Linear classifier to take penultimate features from")
+    kept = []
+    handle = linears[-1].register_forward_hook(lambda module, inputs, output: kept.append(inputs[0].flatten(1)))
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for batch in images.split(batch_size):
+                model(batch.to(device))
+    finally:
+        handle.remove()
+    return torch.cat(kept).cpu()
+
+
+def within_class_cosine(features: torch.Tensor, labels: torch.Tensor) -> dict[int, float]:
+    """Per class: the mean cosine similarity over ordered pairs (i, j), i != j, of its samples."""
+    unit = F.normalize(features.double(), dim=1)
+    result = {}
+    for label in labels.unique().tolist():
+        members = unit[labels == label]
+        n = len(members)
+        if n > 1:
+            similarity = members @ members.T
+            result[label] = float((similarity.sum() - similarity.diagonal().sum()) / (n * (n - 1)))
+    return result
+
+
+def teacher_inputs(images: torch.Tensor, recipe: Recipe) -> torch.Tensor:
+    """uint8 images -> the teacher's normalized float input at the recipe resolution."""
+    pixels = images.float() / 255
+    if pixels.shape[-2:] != (recipe.data.resolution,) * 2:
+        pixels = F.interpolate(pixels, size=recipe.data.resolution, mode="bilinear", antialias=True)
+    mean = torch.tensor(recipe.data.mean).view(1, -1, 1, 1)
+    std = torch.tensor(recipe.data.std).view(1, -1, 1, 1)
+    return (pixels - mean) / std
+
+
+def diversity(path: str | Path, recipe: Recipe, teacher_path: str | Path, device) -> Diversity:
+    """Within-class feature similarity of the ImageFolder at ``path`` under the given teacher."""
+    images = data.load_distilled(path, recipe.data.channels)
+    teacher = models.load_teacher(teacher_path, recipe, device)
+    features = penultimate_features(teacher, teacher_inputs(images.images, recipe))
+    per_label = within_class_cosine(features, images.labels)
+    if not per_label:
+        raise UserError(f"{path}: no class has two images, so no within-class similarity exists")
+    per_class = {images.classes[label]: value for label, value in sorted(per_label.items())}
+    return Diversity(per_class, sum(per_class.values()) / len(per_class))
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("analyze", help="analyses of distilled images")
+    analyses = parser.add_subparsers(dest="analysis", required=True)
+    similarity = analyses.add_parser(
+        "diversity", help="mean within-class cosine similarity of teacher penultimate features (paper Table 1)")
+    similarity.add_argument("path", help="an ImageFolder of same-size images (e.g. RUN/distilled)")
+    add_recipe_arguments(similarity)
+    similarity.add_argument("--teacher", default=None, help="teacher weights (default: the work directory's)")
+    similarity.add_argument("--json", default=None, help="also write the report to this JSON file")
+    similarity.set_defaults(func=_diversity_main)
+
+
+def _diversity_main(args: argparse.Namespace) -> None:
+    recipe = recipe_from_args(args)
+    teacher = args.teacher or WorkDir.for_recipe(args.workdir, recipe.name).teacher
+    report = diversity(args.path, recipe, teacher, distributed.device(args.device))
+    for name, value in report.per_class.items():
+        print(f"{name}\t{value:.4f}")
+    print(f"diversity: mean within-class cosine similarity {report.mean:.4f} over {len(report.per_class)} classes "
+          f"({args.path})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=1))
