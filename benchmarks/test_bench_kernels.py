@@ -1,0 +1,168 @@
+"""Fused kernels vs the eager and the torch.compile'd reference: forward + backward time.
+
+Shapes (SPEC.md sections 3 and 6):
+- BN matching: the inputs of torchvision ResNet-18's 20 BN layers for a recover batch of 50
+  images at 224 px (ImageNet-1K), 64 px and 32 px, matched against 1000-class statistics with
+  5 classes x 10 images in the batch; one step = the 20 losses, summed, and dL/dx for all 20.
+- Soft-label KL: a training batch N=128 x K=1000 (ImageNet-1K) and N=32 x K=10450
+  (ImageNet-21K-P); student float32 logits, teacher float16 (as the label store holds them), T=20.
+
+Providers: "eager" (the torch reference), "compiled" (torch.compile of the same reference; its
+compile time falls in the warm-up round, untimed), "triton" (the fused kernels, CUDA only: the
+interpreter on CPU is a correctness tool). Each row holds the median step time, images/sec
+(rows/sec for KL), the effective GB/s over the bytes a fused step must move (BN: read x twice,
+write dx; KL: read both logits, write the gradient) and the speed-up over eager from the same
+run. On CUDA it adds the time over the bandwidth floor (those bytes at the measured device-copy
+bandwidth) and the peak memory one step allocates next to the gradient it returns.
+"""
+import functools
+
+import pytest
+import torch
+import torchvision
+
+import lpld_kernels
+from lpld_kernels.kl_div import soft_kl_div_reference
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+ROUNDS = 20 if CUDA else 3
+PROVIDERS = ["eager", "compiled", "triton"]
+BATCH = 50
+CLASSES = 1000
+TEMPERATURE = 20.0
+ROWS: list[dict] = []
+
+
+@functools.cache
+def loss_function(op: str, provider: str):
+    """One callable per (op, provider), so torch.compile's cache is shared across shapes."""
+    reference = {"bn": functools.partial(lpld_kernels.class_bn_loss, backend="torch"), "kl": soft_kl_div_reference}
+    if provider == "compiled":
+        return torch.compile(reference[op])
+    if provider == "eager":
+        return reference[op]
+    return {"bn": functools.partial(lpld_kernels.class_bn_loss, backend="triton"),
+            "kl": functools.partial(lpld_kernels.soft_kl_div, backend="triton")}[op]
+
+
+def bn_input_shapes(resolution: int) -> list[tuple[int, ...]]:
+    """The input shape of each of ResNet-18's 20 BN layers for a batch of BATCH images."""
+    model = torchvision.models.resnet18().eval()
+    shapes = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.register_forward_hook(lambda _, inputs, __: shapes.append((BATCH, *inputs[0].shape[1:])))
+    with torch.no_grad():
+        model(torch.zeros(1, 3, resolution, resolution))
+    return shapes
+
+
+@functools.cache
+def copy_bandwidth() -> float:
+    """Bytes/s of a large device-to-device copy: the floor any memory-bound kernel can reach."""
+    source = torch.empty(2**28, dtype=torch.float32, device=DEVICE)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        target.copy_(source)
+    end.record()
+    torch.cuda.synchronize()
+    return 10 * 2 * source.nbytes / (start.elapsed_time(end) / 1000)
+
+
+def peak_extra_bytes(step) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def measure(benchmark, case, provider, step, items, unit, moved_bytes, gradient_bytes):
+    """Time ``step`` with pytest-benchmark (median of ROUNDS after one warm-up) and keep a row."""
+    if provider == "triton" and not CUDA:
+        pytest.skip("the fused kernels are timed on CUDA only")
+
+    def synchronized():
+        step()
+        if CUDA:
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(synchronized, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    seconds = benchmark.stats.stats.median
+    row = {"case": case, "provider": provider, "seconds": seconds, f"{unit}_per_sec": items / seconds,
+           "effective_GBps": moved_bytes / seconds / 1e9, "gradient_bytes": gradient_bytes}
+    if CUDA:
+        row["bandwidth_floor_ratio"] = seconds / (moved_bytes / copy_bandwidth())
+        row["peak_extra_bytes"] = peak_extra_bytes(step)
+    ROWS.append(row)
+    return row
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels_results(write_benchmark_results):
+    """Collect the rows, write them at the end; on CPU run single-threaded (see ``notes``)."""
+    threads = torch.get_num_threads()
+    if not CUDA:
+        torch.set_num_threads(1)
+    yield
+    eager = {row["case"]: row["seconds"] for row in ROWS if row["provider"] == "eager"}
+    for row in ROWS:
+        if row["case"] in eager:
+            row["speedup_vs_eager"] = eager[row["case"]] / row["seconds"]
+    notes = (
+        f"median of {ROUNDS} rounds after 1 warm-up (compile time excluded); float32 NCHW BN inputs; "
+        + ("" if CUDA else "CPU run on 2 cores shared with other jobs, so one torch thread: with two, "
+           "every op waited on the busy sibling core (128x1000 log_softmax 20 ms instead of 0.4 ms); "
+           "triton rows skipped, the interpreter is not a performance path; the GPU targets need a GPU run")
+    )
+    write_benchmark_results("kernels", ROWS, notes)
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("resolution", [224, 64, 32])
+def test_class_bn_loss_forward_backward(benchmark, provider, resolution):
+    generator = torch.Generator().manual_seed(0)
+    shapes = bn_input_shapes(resolution)
+    inputs = [torch.randn(shape, generator=generator).to(DEVICE).requires_grad_() for shape in shapes]
+    targets = [(torch.randn(CLASSES, shape[1], device=DEVICE), torch.rand(CLASSES, shape[1], device=DEVICE) + 0.5)
+               for shape in shapes]
+    groups = torch.arange(5, device=DEVICE).repeat_interleave(BATCH // 5)
+    loss_fn = loss_function("bn", provider)
+
+    def total_loss():
+        return sum(loss_fn(x, groups, mean, var) for x, (mean, var) in zip(inputs, targets))
+
+    def step():
+        torch.autograd.grad(total_loss(), inputs)
+
+    input_bytes = sum(x.nbytes for x in inputs)
+    row = measure(benchmark, f"bn-resnet18-{resolution}px-b{BATCH}", provider, step, BATCH, "images",
+                  3 * input_bytes, input_bytes)
+    reference = sum(lpld_kernels.class_bn_loss(x.double(), groups, m.double(), v.double(), backend="torch")
+                    for x, (m, v) in zip(inputs, targets))
+    torch.testing.assert_close(total_loss().double(), reference, rtol=1e-4, atol=0)
+    assert row["seconds"] > 0
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("rows, classes", [(128, 1000), (32, 10450)])
+def test_soft_kl_div_forward_backward(benchmark, provider, rows, classes):
+    generator = torch.Generator().manual_seed(0)
+    student = (3 * torch.randn(rows, classes, generator=generator)).to(DEVICE).requires_grad_()
+    teacher = (3 * torch.randn(rows, classes, generator=generator)).to(DEVICE, torch.float16)
+    loss_fn = loss_function("kl", provider)
+
+    def step():
+        torch.autograd.grad(loss_fn(student, teacher, TEMPERATURE), student)
+
+    row = measure(benchmark, f"kl-n{rows}-k{classes}", provider, step, rows, "rows",
+                  student.nbytes + teacher.nbytes + student.nbytes, student.nbytes)
+    reference = soft_kl_div_reference(student.double(), teacher.double(), TEMPERATURE)
+    torch.testing.assert_close(loss_fn(student, teacher, TEMPERATURE).double(), reference, rtol=1e-4, atol=1e-7)
+    assert row["seconds"] > 0
