@@ -1,0 +1,300 @@
+"""Train a student from scratch on the distilled images and a (pruned) label store (SPEC.md section 6).
+
+One batch, followed by name: ``PlanSampler`` picks record g (``lpld.prune.plan``) -> ``replay``
+rebuilds relabel's batch (DALI or torch) -> the student -> ``lpld_kernels.soft_kl_div`` against the
+stored fp16 logits, temperature T, batchmean, times T^2 when the recipe says so, no hard-label
+term. AdamW or SGD with no weight decay on biases and BN (1-D) parameters; a per-epoch schedule:
+optional linear warm-up from 0.01, then cosine to 0. A checkpoint (model, optimizer, scheduler,
+sampler epoch, RNG) is written atomically after every epoch and ``--resume`` continues from it
+exactly. Under torchrun each rank replays every W-th record of the epoch's plan and DDP averages
+the gradients, which equals one process accumulating W records per step.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+import lpld_kernels
+
+from . import distributed, replay
+from .errors import UserError
+from .recipes import Recipe, TrainConfig, add_recipe_arguments, recipe_from_args
+from .workdir import WorkDir
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+EVAL_BATCH = 256
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay only conv/linear weights (name has "weight" and ndim > 1); biases and BN get 0, as upstream."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (decay if parameter.ndim > 1 and "weight" in name else no_decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+    raise UserError(f"train.optimizer={config.optimizer!r}: choose adamw or sgd")
+
+
+def lr_factor(epoch: int, epochs: int, warmup_epochs: int) -> float:
+    """Linear warm-up from 0.01 over ``warmup_epochs``, then cosine from 1 to 0 over the rest."""
+    if epoch < warmup_epochs:
+        return 0.01 + 0.99 * epoch / warmup_epochs
+    return 0.5 * (1 + math.cos(math.pi * (epoch - warmup_epochs) / (epochs - warmup_epochs)))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped once per epoch (SPEC.md sections 6 and 11.6: never per batch)."""
+    if not 0 <= config.warmup_epochs < config.epochs:
+        raise UserError(f"train.warmup_epochs={config.warmup_epochs} must be in [0, train.epochs={config.epochs})")
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda epoch: lr_factor(epoch, config.epochs, config.warmup_epochs))
+
+
+def make_loss_fn(model: nn.Module, config: TrainConfig, device: torch.device) -> Callable:
+    """(images, stored fp16 logits) -> soft-label KL of the student; the one place torch.compile applies."""
+    def loss_fn(images: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            student_logits = model(images)
+        return lpld_kernels.soft_kl_div(student_logits.float(), teacher_logits, config.temperature, config.t2_scale)
+
+    return torch.compile(loss_fn) if config.compile else loss_fn
+
+
+def accumulate_gradients(loss_fn: Callable, images: torch.Tensor, teacher_logits: torch.Tensor,
+                         micro_batch: int = 0, no_sync: Callable = contextlib.nullcontext) -> torch.Tensor:
+    """Backward over micro-batches of ``micro_batch`` rows (0: the whole record); returns the record's loss.
+
+    Each part's batchmean loss is weighted by its share of the record, so the summed gradient is
+    the whole record's gradient (exactly so for models without batch statistics; BatchNorm sees
+    smaller batches). ``no_sync`` (DDP) skips the gradient all-reduce for all but the last part.
+    """
+    total = len(images)
+    size = micro_batch if 0 < micro_batch < total else total
+    loss_sum = 0.0
+    for start in range(0, total, size):
+        part = slice(start, start + size)
+        rows = len(images[part])
+        with no_sync() if start + size < total else contextlib.nullcontext():
+            loss = loss_fn(images[part], teacher_logits[part]) * (rows / total)
+            loss.backward()
+        loss_sum = loss_sum + loss.detach()
+    return loss_sum
+
+
+def training_plan(store, seed: int) -> Callable[[int], list[int]]:
+    """epoch -> record ids: full labels replay stored epoch e in order (SPEC.md 10.8, r = 0); a pruned
+    store follows its pool (the paper's: nb draws with replacement per epoch)."""
+    from . import prune
+
+    history = store.meta.get("prune", [])
+    kind = history[-1]["pool"] if history else "order"
+    return functools.partial(prune.plan, seed=seed, pool=store.ids,
+                             batches_per_epoch=store.batches_per_epoch, kind=kind)
+
+
+def _train_epoch(batches, loss_fn: Callable, optimizer, micro_batch: int, no_sync: Callable, device: torch.device,
+                 memory_format: torch.memory_format, on_step: Callable) -> tuple[float, int]:
+    """One pass over the sampler's records, one optimizer step per record; (mean loss over ranks, steps)."""
+    loss_sum, steps = torch.zeros((), device=device), 0
+    for batch in batches:
+        images = batch.images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum += accumulate_gradients(loss_fn, images, batch.logits.to(device, non_blocking=True), micro_batch, no_sync)
+        optimizer.step()
+        steps += 1
+        on_step()
+    mean = distributed.all_reduce_sum(loss_sum / max(steps, 1)) / distributed.world_size()
+    return mean.item(), steps
+
+
+def _check_store_fits(store, distilled, recipe: Recipe) -> None:
+    meta = store.meta
+    if meta.get("dataset_fingerprint") not in (None, distilled.fingerprint):
+        raise UserError(f"{store.path} was made from other distilled images than {distilled.fingerprint}; "
+                        "relabel these images (lpld relabel) or use the matching --workdir")
+    same_view = (meta["size"] == recipe.data.resolution and list(meta["mean"]) == list(recipe.data.mean)
+                 and list(meta["std"]) == list(recipe.data.std))
+    if not same_view:
+        raise UserError(f"{store.path} was made at size {meta['size']}, mean {meta['mean']}, std {meta['std']}, "
+                        f"but the recipe evaluates at {recipe.data.resolution}, {list(recipe.data.mean)}, "
+                        f"{list(recipe.data.std)}; use the recipe the labels were made with")
+
+
+def _atomic_save(obj, path: Path) -> None:
+    partial = path.with_name(path.name + ".partial")
+    torch.save(obj, partial)
+    os.replace(partial, path)
+
+
+def _restore(path: Path, model, optimizer, scheduler, sampler, identity: dict) -> int:
+    """Load a checkpoint written by this recipe on these labels; returns the next epoch to run."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["identity"] != identity:
+        changed = sorted(k for k in identity if state["identity"].get(k) != identity[k])
+        raise UserError(f"{path} belongs to a run with other {', '.join(changed)}; "
+                        "train under another --name, or delete that student folder")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    sampler.load_state_dict(state["sampler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if "rng_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["rng_cuda"])
+    return int(state["epoch"])
+
+
+def _trim_metrics(path: Path, first_epoch: int) -> None:
+    """Drop log lines of epochs that the checkpoint does not hold (a crash between log and save)."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] < first_epoch]
+        path.write_text("".join(f"{line}\n" for line in lines))
+
+
+def train(recipe: Recipe, workdir: WorkDir, labels_path: str | Path, name: str, device: torch.device | str | None = None,
+          resume: bool = False, loader: str | None = None, stop_after: int | None = None) -> dict:
+    """``lpld train``: train student ``name`` into workdir/students/NAME; returns its summary.
+
+    ``resume`` continues from the checkpoint (and returns the summary of a finished run);
+    ``stop_after`` trains at most that many epochs in this call (time-boxed jobs; resume later).
+    """
+    from . import data, evaluate, labels, models
+
+    wall_start = time.perf_counter()
+    rank, world = distributed.init()
+    device = distributed.device(device)
+    config = recipe.train
+    out = workdir.student(name)
+    if resume and (out / SUMMARY).is_file():
+        return json.loads((out / SUMMARY).read_text())
+    if not resume and (out / CHECKPOINT).exists():
+        raise UserError(f"{out} already holds a student; pass --resume to continue it or choose another --name")
+
+    distilled = data.load_distilled(workdir.distilled, recipe.data.channels)
+    store = labels.LabelStore.open(labels_path, expect_images=len(distilled.images),
+                                   expect_classes=recipe.data.num_classes, verify_checksums=distributed.is_main())
+    _check_store_fits(store, distilled, recipe)
+    arch = config.arch or recipe.model.arch
+    torch.manual_seed(config.seed)
+    model = models.build_model(arch, recipe.data.num_classes, recipe.data.channels, recipe.model.stem).to(device)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config)
+    sampler = replay.PlanSampler(training_plan(store, config.seed), rank=rank, world_size=world)
+    identity = {"recipe": recipe.to_json(), "labels": store.fingerprint, "world_size": world}
+    first_epoch = 0
+    if resume and (out / CHECKPOINT).exists():
+        first_epoch = _restore(out / CHECKPOINT, model, optimizer, scheduler, sampler, identity)
+    out.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        _trim_metrics(out / METRICS, first_epoch)
+
+    model.train()
+    network = model
+    if world > 1:
+        network = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    no_sync = network.no_sync if world > 1 else contextlib.nullcontext
+    loss_fn = make_loss_fn(network, config, device)
+    batches = replay.make_loader(loader or config.loader, store, distilled.images, sampler, store.meta["size"],
+                                 store.meta["mean"], store.meta["std"], device, config.workers)
+    val_set = evaluate.validation_set(recipe.data)
+
+    last_epoch = config.epochs if stop_after is None else min(config.epochs, first_epoch + stop_after)
+    record_images = store.meta["batch_size"] * world  # images per optimizer step, all ranks together
+    images_seen, train_seconds, metrics = 0, 0.0, {}
+    bar = tqdm(total=(last_epoch - first_epoch) * len(sampler) * record_images, unit="img",
+               desc=f"train {name}", disable=not distributed.is_main())
+    for epoch in range(first_epoch, last_epoch):
+        sampler.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        epoch_start = time.perf_counter()
+        loss, steps = _train_epoch(batches, loss_fn, optimizer, config.micro_batch, no_sync, device, memory_format,
+                                   lambda: bar.update(record_images))
+        seconds = time.perf_counter() - epoch_start
+        images_seen, train_seconds = images_seen + steps * record_images, train_seconds + seconds
+        scheduler.step()
+        metrics = {"epoch": epoch, "loss": loss, "lr": lr, "images_per_sec": steps * record_images / seconds,
+                   "seconds": seconds}
+        if (epoch + 1) % config.val_interval == 0 or epoch + 1 == config.epochs:
+            metrics.update(evaluate.evaluate(model, recipe.data, device, EVAL_BATCH, config.workers, val_set))
+        bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", top1=f"{metrics.get('top1', float('nan')):.2f}")
+        if distributed.is_main():
+            _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(), "epoch": epoch + 1,
+                          "identity": identity, "rng_cpu": torch.get_rng_state(),
+                          **({"rng_cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})},
+                         out / CHECKPOINT)
+            with open(out / METRICS, "a") as log:
+                log.write(json.dumps(metrics) + "\n")
+        distributed.barrier()
+    bar.close()
+    if last_epoch < config.epochs:
+        return {"name": name, "epochs_done": last_epoch, "finished": False}
+    if "top1" not in metrics:  # resumed after the last checkpoint: nothing ran, evaluate now
+        metrics = evaluate.evaluate(model, recipe.data, device, EVAL_BATCH, config.workers, val_set)
+    return _finish(recipe, workdir, out, model, store, arch, name, metrics, images_seen, train_seconds, wall_start)
+
+
+def _finish(recipe: Recipe, workdir: WorkDir, out: Path, model: nn.Module, store, arch: str, name: str,
+            metrics: dict, images_seen: int, train_seconds: float, wall_start: float) -> dict:
+    """Student weights, summary.json and the summary line."""
+    from . import evaluate, labels, models
+
+    storage = labels.storage_report(store)
+    summary = {
+        "name": name, "finished": True, "arch": arch, "epochs": recipe.train.epochs, "labels": str(store.path),
+        "records": storage["records"], "label_bytes": storage["bytes_on_disk"],
+        "compression_factor": storage["compression_factor"], "top1": metrics["top1"], "top5": metrics["top5"],
+        "images_per_sec": images_seen / train_seconds if train_seconds else None,
+        "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - wall_start,
+    }
+    if distributed.is_main():
+        models.save_teacher(out / evaluate.STUDENT_FILE, model, recipe, arch=arch, role="student",
+                            labels=str(store.path), top1=metrics["top1"])
+        (out / SUMMARY).write_text(json.dumps(summary, indent=1))
+        rate = f"{summary['images_per_sec']:.0f} img/s" if summary["images_per_sec"] else "no epochs in this call"
+        print(f"train {name}: {arch} on {storage['records']} records ({storage['compression_factor']:g}x labels), "
+              f"{recipe.train.epochs} epochs: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
+              f"{rate}, {summary['wall_seconds']:.0f} s")
+    distributed.barrier()
+    return summary
+
+
+def _command(args: argparse.Namespace) -> None:
+    recipe = recipe_from_args(args)
+    train(recipe, WorkDir.for_recipe(args.workdir, recipe.name), args.labels, args.name, args.device,
+          resume=args.resume, loader=args.loader, stop_after=args.stop_after)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="train a student on the distilled images and a label store")
+    add_recipe_arguments(parser)
+    parser.add_argument("--labels", required=True, help="label store directory (labels/ or a pruned labels-rR/)")
+    parser.add_argument("--name", required=True, help="student name: results go to WORKDIR/students/NAME")
+    parser.add_argument("--resume", action="store_true", help="continue from the student's last checkpoint")
+    parser.add_argument("--loader", choices=("auto", "dali", "torch"), default=None,
+                        help="replay back end (default: recipe train.loader; auto = dali on GPU, torch on CPU)")
+    parser.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
+                        help="train at most this many epochs now, then stop (continue later with --resume)")
+    parser.set_defaults(func=_command)

@@ -1,0 +1,170 @@
+"""train: parameter groups, schedules, gradient accumulation, compile, resume, back ends."""
+import copy
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+from torchvision.io import write_png
+
+import lpld_kernels
+from lpld import relabel
+from lpld import train as training
+from lpld.data import load_distilled
+from lpld.errors import UserError
+from lpld.recipes import get_recipe
+from lpld.workdir import WorkDir
+
+CLASSES, SIDE, IPC = 3, 16, 4
+
+
+def write_folder(root, images_per_class, seed):
+    generator = torch.Generator().manual_seed(seed)
+    for c in range(CLASSES):
+        (root / f"c{c:05d}").mkdir(parents=True)
+        for i in range(images_per_class):
+            write_png(torch.randint(0, 256, (3, SIDE, SIDE), dtype=torch.uint8, generator=generator),
+                      str(root / f"c{c:05d}" / f"c{c:05d}_i{i:04d}.png"))
+
+
+def tiny_run(tmp_path, *overrides):
+    """A work dir with distilled PNGs and relabel's store, and a recipe whose real data is a tiny ImageFolder."""
+    write_folder(tmp_path / "real" / "train", 2, seed=1)
+    write_folder(tmp_path / "real" / "val", 5, seed=2)
+    workdir = WorkDir(tmp_path / "run")
+    write_folder(workdir.distilled, IPC, seed=3)
+    recipe = get_recipe("fmnist", [
+        "data.dataset=imagefolder", f"data.root={tmp_path / 'real'}", f"data.num_classes={CLASSES}",
+        "data.channels=3", f"data.resolution={SIDE}", "data.mean=0.4,0.5,0.6", "data.std=0.2,0.25,0.3",
+        "model.arch=resnet10", "model.stem=3x3s2", "train.epochs=2", "train.val_interval=1", "train.compile=false",
+        "train.loader=torch", "train.workers=0", "train.optimizer=adamw", "train.lr=0.01", *overrides,
+    ])
+    distilled = load_distilled(workdir.distilled, 3)
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIDE * SIDE, CLASSES))
+    header = relabel.label_header(recipe.with_overrides(["relabel.epochs=2", "relabel.batch_size=4"]),
+                                  distilled.images, distilled.fingerprint, "teacher")
+    relabel.generate(teacher, distilled.images, workdir.labels, header)
+    return recipe, workdir
+
+
+def test_no_weight_decay_on_biases_and_batchnorm():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+    decay, no_decay = training.parameter_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(model[0].weight), id(model[3].weight)}
+    assert {id(p) for p in no_decay["params"]} == {id(model[0].bias), id(model[1].weight), id(model[1].bias), id(model[3].bias)}
+    optimizer = training.build_optimizer(model, get_recipe("fmnist").train)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[1]["weight_decay"] == 0.0
+
+
+def lrs(config, epochs):
+    optimizer = training.build_optimizer(nn.Linear(2, 2), config)
+    scheduler = training.build_scheduler(optimizer, config)
+    values = []
+    for _ in range(epochs):
+        values.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return values
+
+
+def test_cosine_per_epoch_schedule_matches_the_formula():
+    config = get_recipe("imagenet1k", ["train.epochs=7", "train.lr=0.001"]).train
+    expected = [0.001 * 0.5 * (1 + math.cos(math.pi * e / 7)) for e in range(7)]
+    assert lrs(config, 7) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_sgd_warmup_then_cosine_matches_torchs_sequential_schedule():
+    config = get_recipe("tiny", ["train.epochs=12"]).train  # SGD 0.2, 5 warm-up epochs
+    optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.2, momentum=0.9)
+    reference = torch.optim.lr_scheduler.SequentialLR(optimizer, [
+        torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=5),
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=7, eta_min=0.0),
+    ], milestones=[5])
+    expected = []
+    for _ in range(12):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        reference.step()
+    assert lrs(config, 12) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_accumulated_micro_batches_equal_one_full_batch_step():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 6 * 6, 4)).double()
+    images, teacher = torch.randn(8, 3, 8, 8, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
+
+    def loss_fn(x, t):
+        return lpld_kernels.soft_kl_div(model(x), t, temperature=4.0)
+
+    def step(micro):
+        copy = {k: v.clone() for k, v in model.state_dict().items()}
+        model.zero_grad()
+        loss = training.accumulate_gradients(loss_fn, images, teacher, micro)
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.load_state_dict(copy)
+        return loss, grads
+
+    full_loss, full_grads = step(0)
+    for micro in (3, 1):  # 3 + 3 + 2 rows, and one row at a time
+        loss, grads = step(micro)
+        torch.testing.assert_close(loss, full_loss, rtol=1e-12, atol=0)
+        for a, b in zip(grads, full_grads):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_compiled_training_step_equals_eager():
+    torch.manual_seed(0)
+    eager_model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                nn.Flatten(), nn.Linear(4, 5))
+    compiled_model = copy.deepcopy(eager_model)
+    images, teacher = torch.randn(6, 3, 10, 10), torch.randn(6, 5).half()
+    results = []
+    for model, compile_flag in ((eager_model, False), (compiled_model, True)):
+        config = get_recipe("fmnist", [f"train.compile={compile_flag}"]).train
+        loss_fn = training.make_loss_fn(model, config, torch.device("cpu"))
+        loss = training.accumulate_gradients(loss_fn, images, teacher)
+        results.append((loss, [p.grad for p in model.parameters()]))
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-7)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def weights(workdir, name):
+    return torch.load(workdir.student(name) / training.CHECKPOINT, weights_only=True)["model"]
+
+
+def test_resume_continues_exactly(tmp_path):
+    recipe, workdir = tiny_run(tmp_path)
+    store = workdir.labels
+    whole = training.train(recipe, workdir, store, "whole", "cpu")
+    part = training.train(recipe, workdir, store, "split", "cpu", stop_after=1)
+    assert part["finished"] is False
+    with pytest.raises(UserError, match="--resume"):
+        training.train(recipe, workdir, store, "split", "cpu")
+    with pytest.raises(UserError, match="other recipe"):
+        training.train(recipe.with_overrides(["train.lr=0.5"]), workdir, store, "split", "cpu", resume=True)
+    resumed = training.train(recipe, workdir, store, "split", "cpu", resume=True)
+    for key, value in weights(workdir, "whole").items():
+        assert torch.equal(value, weights(workdir, "split")[key]), key
+    assert resumed["top1"] == whole["top1"] and resumed["top5"] == whole["top5"]
+    lines = [json.loads(line) for line in (workdir.student("split") / training.METRICS).read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [0, 1] and all("top1" in line for line in lines)
+    summary = json.loads((workdir.student("whole") / training.SUMMARY).read_text())
+    assert summary["records"] == 2 * 3 and summary["compression_factor"] == 1.0 and 0 <= summary["top1"] <= 100
+    assert (workdir.student("whole") / "student.safetensors").is_file()
+    assert training.train(recipe, workdir, store, "whole", "cpu", resume=True) == whole  # finished: nothing to do
+
+
+def test_dali_replay_trains_like_torch_replay(tmp_path):
+    # SGD: the update is linear in the gradient, so the loaders' ~1e-6 pixel differences stay small
+    # (AdamW divides by sqrt(v) and magnifies them for parameters with tiny gradients).
+    recipe, workdir = tiny_run(tmp_path, "train.epochs=1", "train.optimizer=sgd")
+    results = {kind: training.train(recipe, workdir, workdir.labels, kind, "cpu", loader=kind) for kind in ("torch", "dali")}
+    for key, value in weights(workdir, "torch").items():
+        if value.is_floating_point():
+            torch.testing.assert_close(weights(workdir, "dali")[key], value, rtol=1e-4, atol=1e-6)
+    assert results["dali"]["top1"] == results["torch"]["top1"]
