@@ -166,3 +166,27 @@ def test_relabel_command_on_a_run_directory(tmp_path, images, capsys):
     kept = LabelStore.open(prune.pruned_path(workdir, 0.5))
     assert kept.ids.tolist() == [0, 1] and kept.meta["prune"][0]["ratio"] == 0.5
     np.testing.assert_array_equal(kept.record(1).logits, store.record(1).logits)
+
+
+TORCHRUN_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_relabel import _recipe, _teacher
+from lpld import distributed, relabel
+assert distributed.init()[1] == 2
+images = torch.randint(0, 256, (23, 1, 28, 28), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+relabel.generate(_teacher(), images, {out!r}, relabel.label_header(_recipe(), images, "data-fp", "teacher-fp"))
+"""
+
+
+def test_torchrun_two_processes_write_the_single_process_store(tmp_path, images):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _generate(tmp_path / "single", images)
+    script = tmp_path / "run.py"
+    script.write_text(TORCHRUN_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path / "torchrun")))
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+                   check=True, capture_output=True, timeout=300)
+    _same_store(tmp_path / "single", tmp_path / "torchrun")
