@@ -1,0 +1,279 @@
+"""``lpld stats``: per-class statistics of every BatchNorm input, from one pass over the real data.
+
+SPEC.md section 2 and 10.1: the teacher runs in eval mode over the training set with training
+augmentation; for each BN layer and class we keep the mean and biased variance of the BN input
+over (N, H, W). Instead of a BN subclass and a tuple-passing model (upstream), forward pre-hooks on
+stock ``nn.BatchNorm2d`` record per-sample moments, and the per-class reduction is one
+``index_add_`` per layer (SPEC.md section 11.7). The result is a separate safetensors file.
+
+Modes:
+- "ema" (the paper's code): per batch, each class present folds its batch moments into a running
+  value, ``s <- (1 - m) s + m * batch``, starting from mean 0 / var 1.
+- "exact": pooled moments of the whole pass from float64 running sums (sum of per-sample means
+  and of per-sample E[x^2]); all-reduced across torchrun ranks.
+
+Several ranks in "ema" mode: EMA states of different shards cannot be merged afterwards, so at
+every step the per-sample moments of all ranks are all-gathered and folded as ONE batch of
+world x batch_size images, in rank order. Every rank then holds the same state, equal to a single
+process running with the global batch. (Upstream instead kept rank 0's EMA over its quarter of
+ImageNet, SPEC.md section 2; ``--set stats.batch_size`` with one process reproduces any batch.)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from . import distributed
+from .data import load_real, train_transform
+from .errors import UserError
+from .models import bn_layers, load_teacher, model_fingerprint
+from .recipes import add_recipe_arguments, recipe_from_args
+from .workdir import WorkDir
+
+MODES = ("ema", "exact")
+STATS_FORMAT = "lpld-class-bn-stats-v1"
+
+
+@dataclass
+class LayerStats:
+    mean: torch.Tensor  # float32 [K, C]
+    var: torch.Tensor  # float32 [K, C], biased
+    count: torch.Tensor  # int64 [K], images of each class seen
+
+
+@dataclass
+class ClassBNStats:
+    """Per-class BN-input statistics for every BatchNorm2d of one teacher, keyed by module name."""
+
+    layers: dict[str, LayerStats]
+    meta: dict
+
+    def save(self, path: str | Path) -> None:
+        tensors = {}
+        for name, layer in self.layers.items():
+            tensors[f"{name}.mean"] = layer.mean.float().contiguous()
+            tensors[f"{name}.var"] = layer.var.float().contiguous()
+            tensors[f"{name}.count"] = layer.count.long().contiguous()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        metadata = {"format": STATS_FORMAT, "layers": json.dumps(list(self.layers)), "meta": json.dumps(self.meta)}
+        safetensors.torch.save_file(tensors, str(partial), metadata=metadata)
+        partial.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path, model: nn.Module | None = None, num_classes: int | None = None,
+             teacher_fingerprint: str | None = None) -> "ClassBNStats":
+        """Read a statistics file, refusing one that does not belong to ``model`` / ``num_classes``.
+
+        ``teacher_fingerprint`` (``models.model_fingerprint`` of the teacher as saved) also
+        refuses statistics collected with another teacher of the same shape.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"no class-BN statistics at {path}: run `lpld stats` first")
+        try:
+            with safetensors.safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            tensors = safetensors.torch.load_file(str(path))
+        except Exception as error:  # safetensors raises several types for damaged files
+            raise UserError(f"{path} is not a readable safetensors file ({error}); rerun `lpld stats`") from None
+        if metadata.get("format") != STATS_FORMAT:
+            raise UserError(f"{path} is not an lpld class-BN statistics file; rerun `lpld stats`")
+        meta = json.loads(metadata["meta"])
+        layers = {name: LayerStats(tensors[f"{name}.mean"], tensors[f"{name}.var"], tensors[f"{name}.count"])
+                  for name in json.loads(metadata["layers"])}
+        stats = cls(layers, meta)
+        stats._check(path, model, num_classes, teacher_fingerprint)
+        return stats
+
+    def _check(self, path: Path, model, num_classes, teacher_fingerprint) -> None:
+        fix = "rerun `lpld stats` with this teacher and recipe"
+        classes = {layer.mean.shape[0] for layer in self.layers.values()} | {self.meta.get("num_classes")}
+        if num_classes is not None and classes != {num_classes}:
+            raise UserError(f"{path} holds statistics for {sorted(classes, key=str)} classes, not {num_classes}; {fix}")
+        if model is not None:
+            expected = {name: bn.num_features for name, bn in bn_layers(model)}
+            found = {name: layer.mean.shape[-1] for name, layer in self.layers.items()}
+            if expected != found:
+                differ = sorted(set(expected.items()) ^ set(found.items()))[:4]
+                raise UserError(f"{path} does not match the teacher's BN layers (e.g. {differ}); {fix}")
+        if teacher_fingerprint is not None and self.meta.get("teacher_fingerprint") != teacher_fingerprint:
+            raise UserError(f"{path} was collected with teacher {self.meta.get('teacher_fingerprint')}, "
+                            f"not {teacher_fingerprint}; {fix}")
+
+
+class _MomentRecorder:
+    """Forward pre-hooks that keep each BN input's per-sample mean and biased variance ([B, C] each)."""
+
+    def __init__(self, model: nn.Module):
+        self.layers = bn_layers(model)
+        if not self.layers:
+            raise UserError("the model has no BatchNorm2d layers: class-BN statistics need a BN network")
+        self.moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.handles = [bn.register_forward_pre_hook(self._hook(name)) for name, bn in self.layers]
+
+    def _hook(self, name: str):
+        def record(module, args):
+            var, mean = torch.var_mean(args[0].float(), dim=(2, 3), correction=0)
+            self.moments[name] = (mean, var)
+        return record
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class _ClassMoments:
+    """Per-class running state of one pass, in float64: EMA values or pooled sums."""
+
+    def __init__(self, layers, num_classes: int, mode: str, momentum: float, device):
+        self.mode, self.momentum, self.num_classes = mode, momentum, num_classes
+        self.count = torch.zeros(num_classes, dtype=torch.int64, device=device)
+        self.first = {}  # EMA: running mean; exact: sum of per-sample means
+        self.second = {}  # EMA: running var; exact: sum of per-sample E[x^2]
+        for name, bn in layers:
+            shape = (num_classes, bn.num_features)
+            self.first[name] = torch.zeros(shape, dtype=torch.float64, device=device)
+            fill = 1.0 if mode == "ema" else 0.0
+            self.second[name] = torch.full(shape, fill, dtype=torch.float64, device=device)
+
+    def fold(self, labels: torch.Tensor, moments: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Add one batch: ``labels`` [B], per layer per-sample (mean, var) [B, C]."""
+        counts = torch.bincount(labels, minlength=self.num_classes)
+        self.count += counts
+        present = (counts > 0)[:, None]
+        n = counts.clamp(min=1).to(torch.float64)[:, None]
+        for name, (mean, var) in moments.items():
+            mean = mean.double()
+            sum_mean = torch.zeros_like(self.first[name]).index_add_(0, labels, mean)
+            sum_square = torch.zeros_like(self.second[name]).index_add_(0, labels, var.double() + mean * mean)
+            if self.mode == "exact":
+                self.first[name] += sum_mean
+                self.second[name] += sum_square
+                continue
+            batch_mean = sum_mean / n
+            batch_var = (sum_square / n - batch_mean * batch_mean).clamp(min=0)
+            m = self.momentum
+            self.first[name] = torch.where(present, (1 - m) * self.first[name] + m * batch_mean, self.first[name])
+            self.second[name] = torch.where(present, (1 - m) * self.second[name] + m * batch_var, self.second[name])
+
+    def result(self) -> dict[str, LayerStats]:
+        if self.mode == "exact":
+            for tensor in [self.count, *self.first.values(), *self.second.values()]:
+                distributed.all_reduce_sum(tensor)
+        layers = {}
+        for name in self.first:
+            if self.mode == "ema":
+                mean, var = self.first[name], self.second[name]
+            else:
+                n = self.count.clamp(min=1).to(torch.float64)[:, None]
+                seen = (self.count > 0)[:, None]
+                mean = torch.where(seen, self.first[name] / n, 0.0)
+                var = torch.where(seen, (self.second[name] / n - mean * mean).clamp(min=0), 1.0)
+            layers[name] = LayerStats(mean.float().cpu(), var.float().cpu(), self.count.cpu().clone())
+        return layers
+
+
+def _gather_batch(labels: torch.Tensor, moments: dict) -> tuple[torch.Tensor, dict]:
+    """All ranks' labels and per-sample moments of this step, concatenated in rank order."""
+    world = distributed.world_size()
+    if world == 1:
+        return labels, moments
+    names = list(moments)
+    local = torch.cat([torch.cat(moments[name], dim=1) for name in names] + [labels[:, None].float()], dim=1)
+    gathered = torch.empty((world * local.shape[0], local.shape[1]), dtype=local.dtype, device=local.device)
+    dist.all_gather_into_tensor(gathered, local.contiguous())
+    out, start = {}, 0
+    for name in names:
+        width = moments[name][0].shape[1]
+        out[name] = (gathered[:, start:start + width], gathered[:, start + width:start + 2 * width])
+        start += 2 * width
+    return gathered[:, -1].round().long(), out
+
+
+def collect_class_bn_stats(model: nn.Module, loader, num_classes: int, mode: str = "ema", momentum: float = 0.1,
+                           device: torch.device | str = "cpu", meta: dict | None = None) -> ClassBNStats:
+    """One pass of ``loader`` ((images, labels) batches) through ``model`` in eval mode (SPEC.md 10.1).
+
+    The model's global BN running statistics are not touched (eval mode); its train/eval mode is
+    restored afterwards. ``meta`` is merged into the result's metadata.
+    """
+    if mode not in MODES:
+        raise UserError(f"unknown stats mode {mode!r}; choose one of: {', '.join(MODES)}")
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    recorder = _MomentRecorder(model)
+    state = _ClassMoments(recorder.layers, num_classes, mode, momentum, device)
+    seen, started = 0, time.time()
+    try:
+        progress = tqdm(loader, desc=f"class-BN stats ({mode})", disable=not distributed.is_main())
+        with torch.inference_mode():
+            for images, labels in progress:
+                labels = labels.to(device)
+                if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+                    raise UserError(f"a label outside [0, {num_classes}) reached the statistics pass; check data.num_classes")
+                model(images.to(device, non_blocking=True))
+                state.fold(*_gather_batch(labels, recorder.moments))
+                seen += len(labels) * distributed.world_size()
+                progress.set_postfix(img_s=f"{seen / (time.time() - started):.0f}")
+    finally:
+        recorder.remove()
+        model.train(was_training)
+    info = {"num_classes": num_classes, "mode": mode, "momentum": momentum, "images": seen,
+            "world_size": distributed.world_size(), "teacher_fingerprint": model_fingerprint(model), **(meta or {})}
+    return ClassBNStats(state.result(), info)
+
+
+def stats(recipe, workdir: WorkDir, device: torch.device | str) -> ClassBNStats:
+    """``lpld stats``: the pass over the real training split with RRC(crop_scale) + flip + normalise."""
+    distributed.init()
+    device = torch.device(device)
+    cfg = recipe.stats
+    if workdir.stats.is_file():
+        if distributed.is_main():
+            print(f"stats: {workdir.stats} exists; delete it to collect again")
+        teacher = load_teacher(workdir.teacher, recipe)
+        return ClassBNStats.load(workdir.stats, teacher, recipe.data.num_classes, model_fingerprint(teacher))
+    teacher = load_teacher(workdir.teacher, recipe, device)
+    dataset = load_real(recipe.data, "train", train_transform(recipe.data, scale=cfg.crop_scale))
+    torch.manual_seed(cfg.seed + distributed.rank())
+    sampler = DistributedSampler(dataset, distributed.world_size(), distributed.rank(), shuffle=True, seed=cfg.seed)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                        pin_memory=device.type == "cuda")
+    started = time.time()
+    meta = {"arch": recipe.model.arch, "stem": recipe.model.stem, "resolution": recipe.data.resolution,
+            "dataset_fingerprint": dataset.fingerprint, "recipe": recipe.name, "batch_size": cfg.batch_size,
+            "crop_scale": list(cfg.crop_scale), "seed": cfg.seed}
+    result = collect_class_bn_stats(teacher, loader, recipe.data.num_classes, cfg.mode, cfg.momentum, device, meta)
+    if distributed.is_main():
+        result.save(workdir.stats)
+        channels = sum(layer.mean.shape[1] for layer in result.layers.values())
+        print(f"stats: {cfg.mode} statistics of {len(result.layers)} BN layers ({channels} channels) x "
+              f"{recipe.data.num_classes} classes from {result.meta['images']} images in "
+              f"{time.time() - started:.0f} s -> {workdir.stats}")
+    distributed.barrier()
+    return result
+
+
+def _command(args: argparse.Namespace) -> None:
+    recipe = recipe_from_args(args)
+    stats(recipe, WorkDir.for_recipe(args.workdir, recipe.name), distributed.device(args.device))
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("stats", help="collect class-wise BN statistics of the teacher on the real data")
+    add_recipe_arguments(parser)
+    parser.set_defaults(func=_command)
