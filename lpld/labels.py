@@ -313,12 +313,12 @@ def _info(args: argparse.Namespace) -> None:
     meta = store.meta
     print(f"{store.path}: {report['records']} of {report['full_records']} records "
           f"({meta['epochs']} epochs x {meta['batches_per_epoch']} batches of {meta['batch_size']} images, "
-          f"{meta['num_classes']} classes, logits {meta['arrays']['logits']['dtype']})")
+          f"{meta['num_classes']} classes, logits {np.dtype(meta['arrays']['logits']['dtype']).name})")
     for name, size in report["bytes_per_array"].items():
         print(f"  {name:12s} {size:>16,d} bytes")
-    print(f"  on disk      {report['bytes_on_disk']:>16,d} bytes = {report['bytes_on_disk'] / GIB:.4f} GiB")
-    print(f"  full labels  {report['full_bytes']:>16,d} bytes = {report['full_bytes'] / GIB:.4f} GiB "
-          f"(logits alone E*N*K*2 = {report['paper_logit_bytes'] / GIB:.4f} GiB)")
+    print(f"  on disk      {report['bytes_on_disk']:>16,d} bytes = {report['bytes_on_disk'] / GIB:.4g} GiB")
+    print(f"  full labels  {report['full_bytes']:>16,d} bytes = {report['full_bytes'] / GIB:.4g} GiB "
+          f"(logits alone E*N*K*2 = {report['paper_logit_bytes'] / GIB:.4g} GiB)")
     print(f"  compression  {report['compression_factor']:.2f}x")
 
 
