@@ -105,6 +105,9 @@ def generate(teacher: nn.Module, images: torch.Tensor, out: str | Path, header: 
                 record = records[ids[row] % nb]
                 batch = replay(images, record, header["size"], header["mean"], header["std"], device)
                 record.logits = teacher(batch).to(torch.float16).cpu().numpy()
+                if record.logits.shape != (len(batch), header["num_classes"]):
+                    raise UserError(f"the teacher outputs {tuple(record.logits.shape)} for a batch of {len(batch)}, "
+                                    f"expected {header['num_classes']} classes (data.num_classes); use the matching teacher")
                 writer.write(row, record)
                 bar.update(len(batch))
             writer.flush()

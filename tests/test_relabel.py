@@ -190,3 +190,9 @@ def test_torchrun_two_processes_write_the_single_process_store(tmp_path, images)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
                    check=True, capture_output=True, timeout=300)
     _same_store(tmp_path / "single", tmp_path / "torchrun")
+
+
+def test_teacher_with_another_class_count_is_refused(tmp_path, images):
+    header = relabel.label_header(_recipe(), images, "d", "t")
+    with pytest.raises(UserError, match="expected 10 classes"):
+        relabel.generate(nn.Sequential(nn.Flatten(), nn.LazyLinear(7)), images, tmp_path / "s", header)
