@@ -5,7 +5,6 @@ behaves the same for ``backend=None | "triton" | "torch"`` and the ``LPLD_KERNEL
 environment variable. Buffers that a kernel must fully overwrite come from ``empty``; the tests
 swap it for a NaN-filled allocator so that an element a kernel forgot to write shows up.
 """
-import importlib.util
 import os
 
 import torch
@@ -22,13 +21,13 @@ def triton_interpreted() -> bool:
 def use_triton(backend: str | None, tensor: torch.Tensor) -> bool:
     """True when the op should launch its Triton kernel on ``tensor``'s device.
 
-    ``None`` means auto: Triton for CUDA tensors when Triton is installed, the reference
-    otherwise; a non-empty ``LPLD_KERNEL_BACKEND`` replaces the auto choice.
+    ``None`` means auto: Triton (a pinned dependency) for CUDA tensors, the reference otherwise;
+    a non-empty ``LPLD_KERNEL_BACKEND`` replaces the auto choice.
     """
     if backend is None:
         backend = os.environ.get(ENV_VAR, "") or None
     if backend is None:
-        return tensor.is_cuda and importlib.util.find_spec("triton") is not None
+        return tensor.is_cuda
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}: use one of {BACKENDS} or None (auto)")
     if backend == "triton" and not tensor.is_cuda and not triton_interpreted():

@@ -114,7 +114,7 @@ class _Tiling:
             self.block_c = min(triton.next_power_of_2(channels), MAX_TILE // self.block_hw)
         programs = batch * triton.cdiv(channels, self.block_c)
         hw_blocks = triton.cdiv(self.hw, self.block_hw)
-        splits = min(hw_blocks, max(1, triton.cdiv(wanted_programs(x.device), programs)))
+        splits = min(hw_blocks, max(1, triton.cdiv(wanted_programs(x.device), max(programs, 1))))
         self.chunk = triton.cdiv(hw_blocks, splits) * self.block_hw
         self.chunks = triton.cdiv(self.hw, self.chunk)
         self.grid = (batch, triton.cdiv(channels, self.block_c), self.chunks)

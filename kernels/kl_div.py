@@ -113,9 +113,9 @@ def soft_kl_div(student_logits, teacher_logits, temperature=1.0, scale_t2=False,
     student_logits, teacher_logits: [N, K], any float dtype each (a float16 teacher is read as
     is). The gradient flows to the student logits only; the teacher is a constant.
     """
-    if student_logits.dim() != 2 or teacher_logits.shape != student_logits.shape:
+    if student_logits.dim() != 2 or teacher_logits.shape != student_logits.shape or 0 in student_logits.shape:
         raise ValueError(
-            f"expected student and teacher logits of the same shape [N, K], "
+            f"expected student and teacher logits of the same shape [N, K] with N, K >= 1, "
             f"got {tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
         )
     if _dispatch.use_triton(backend, student_logits):

@@ -61,15 +61,17 @@ def test_loss_and_grad_match_float64(backend, dtype, channels_last, rms):
     assert_matches_float64(*inputs, rms=rms, backend=backend)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     batch=st.integers(1, 6), channels=st.integers(1, 20), height=st.integers(1, 9), width=st.integers(1, 9),
-    num_groups=st.integers(1, 4), channels_last=st.booleans(), rms=st.booleans(), seed=st.integers(0, 2**16),
-    programs=st.sampled_from([1, 64]),
+    num_groups=st.integers(1, 4), dtype=st.sampled_from(list(GRAD_RTOL)), channels_last=st.booleans(),
+    rms=st.booleans(), seed=st.integers(0, 2**16), programs=st.sampled_from([1, 64]),
 )
-def test_random_shapes_match_float64(batch, channels, height, width, num_groups, channels_last, rms, seed, programs):
+def test_random_shapes_match_float64(
+    batch, channels, height, width, num_groups, dtype, channels_last, rms, seed, programs
+):
     """``programs=64`` cuts HW into chunks the way a GPU launch does."""
-    inputs = make_inputs(batch, channels, height, width, num_groups, channels_last=channels_last, seed=seed)
+    inputs = make_inputs(batch, channels, height, width, num_groups, dtype, channels_last, seed)
     with mock.patch.object(bn_match, "wanted_programs", lambda device: programs):
         assert_matches_float64(*inputs, rms=rms)
 
@@ -111,6 +113,12 @@ def test_groups_without_samples_add_nothing():
     without, ref_grad = loss_and_grad(x, groups, target_mean, target_var, backend="torch")
     torch.testing.assert_close(with_empty, without, rtol=LOSS_RTOL, atol=0)
     torch.testing.assert_close(grad, ref_grad, rtol=GRAD_RTOL[torch.float32], atol=1e-7)
+
+
+def test_empty_batch_gives_zero_loss_and_an_empty_gradient():
+    x, groups, target_mean, target_var = make_inputs(0, 3, 4, 4, num_groups=2)
+    loss, grad = loss_and_grad(x, groups, target_mean, target_var)
+    assert loss.item() == 0 and grad.shape == x.shape
 
 
 def test_rms_divides_each_norm_by_sqrt_channels():
