@@ -1,5 +1,6 @@
 """evaluate: top-1/top-5 on the real Fashion-MNIST test split against a float64 numpy computation."""
 import gzip
+import json
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,6 @@ import torch
 from torch import nn
 
 from lpld import evaluate, models
-from lpld.errors import UserError
 from lpld.recipes import get_recipe
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -64,18 +64,25 @@ def test_top5_counts_on_a_hand_made_set():
 
 
 def test_eval_command_reads_a_saved_network(tmp_path, capsys):
-    recipe = get_recipe("fmnist", ["model.arch=resnet10", "model.stem=3x3s2"])
+    from lpld.cli import main
+    from test_run import TINY
+    from test_train import write_folder
+
+    write_folder(tmp_path / "real" / "train", 1, seed=1)
+    write_folder(tmp_path / "real" / "val", 2, seed=2)
+    overrides = [item for override in TINY for item in ("--set", override)]
+    recipe = get_recipe("fmnist", TINY)
     torch.manual_seed(0)
-    model = models.build_model("resnet10", 10, 1, "3x3s2")
+    model = models.build_model("resnet10", recipe.data.num_classes, 3, "3x3s2")
     models.save_teacher(tmp_path / "teacher.safetensors", model, recipe)
     loaded = evaluate.load_network(tmp_path / "teacher.safetensors")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
-    with pytest.raises(UserError, match="no network"):
-        evaluate._command(type("Args", (), dict(recipe="fmnist", overrides=[], workdir=str(tmp_path), data=None,
-                                                device="cpu", weights=None, student="missing", batch_size=8,
-                                                workers=0))())
-    if FMNIST.is_dir():
-        from lpld.cli import main
 
-        assert main(["eval", "--workdir", str(tmp_path), "--device", "cpu", "--workers", "0", "--batch-size", "2000"]) == 0
-        assert "top-1" in capsys.readouterr().out
+    common = ["eval", "--workdir", str(tmp_path), "--data", str(tmp_path / "real"), "--device", "cpu",
+              "--workers", "0", *overrides]
+    assert main(common) == 0
+    printed = capsys.readouterr().out
+    direct = evaluate.evaluate(loaded, recipe.with_overrides([f"data.root={tmp_path / 'real'}"]).data)
+    assert json.loads(printed.splitlines()[-1]) == direct
+    assert main([*common, "--student", "missing"]) == 2
+    assert "no network" in capsys.readouterr().err
