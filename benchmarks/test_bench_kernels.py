@@ -37,6 +37,8 @@ ROWS: list[dict] = []
 @functools.cache
 def loss_function(op: str, provider: str):
     """One callable per (op, provider), so torch.compile's cache is shared across shapes."""
+    if provider == "triton" and not CUDA:
+        pytest.skip("the fused kernels are timed on CUDA only")
     reference = {"bn": functools.partial(lpld_kernels.class_bn_loss, backend="torch"), "kl": soft_kl_div_reference}
     if provider == "compiled":
         return torch.compile(reference[op])
@@ -84,9 +86,6 @@ def peak_extra_bytes(step) -> int:
 
 def measure(benchmark, case, provider, step, items, unit, moved_bytes, gradient_bytes):
     """Time ``step`` with pytest-benchmark (median of ROUNDS after one warm-up) and keep a row."""
-    if provider == "triton" and not CUDA:
-        pytest.skip("the fused kernels are timed on CUDA only")
-
     def synchronized():
         step()
         if CUDA:
@@ -127,13 +126,13 @@ def kernels_results(write_benchmark_results):
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("resolution", [224, 64, 32])
 def test_class_bn_loss_forward_backward(benchmark, provider, resolution):
+    loss_fn = loss_function("bn", provider)
     generator = torch.Generator().manual_seed(0)
     shapes = bn_input_shapes(resolution)
     inputs = [torch.randn(shape, generator=generator).to(DEVICE).requires_grad_() for shape in shapes]
     targets = [(torch.randn(CLASSES, shape[1], device=DEVICE), torch.rand(CLASSES, shape[1], device=DEVICE) + 0.5)
                for shape in shapes]
     groups = torch.arange(5, device=DEVICE).repeat_interleave(BATCH // 5)
-    loss_fn = loss_function("bn", provider)
 
     def total_loss():
         return sum(loss_fn(x, groups, mean, var) for x, (mean, var) in zip(inputs, targets))
@@ -153,10 +152,10 @@ def test_class_bn_loss_forward_backward(benchmark, provider, resolution):
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("rows, classes", [(128, 1000), (32, 10450)])
 def test_soft_kl_div_forward_backward(benchmark, provider, rows, classes):
+    loss_fn = loss_function("kl", provider)
     generator = torch.Generator().manual_seed(0)
     student = (3 * torch.randn(rows, classes, generator=generator)).to(DEVICE).requires_grad_()
     teacher = (3 * torch.randn(rows, classes, generator=generator)).to(DEVICE, torch.float16)
-    loss_fn = loss_function("kl", provider)
 
     def step():
         torch.autograd.grad(loss_fn(student, teacher, TEMPERATURE), student)

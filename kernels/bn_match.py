@@ -40,13 +40,13 @@ def _partial_moments_kernel(
     base = x_ptr + b.to(tl.int64) * stride_b + channels[:, None].to(tl.int64) * stride_c
     hw_begin = chunk_id * chunk
     hw_end = tl.minimum(hw_begin + chunk, HW)
-    count = 0.0
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     for start in range(hw_begin, hw_end, BLOCK_HW):
         hw = start + tl.arange(0, BLOCK_HW)
         mask = channel_mask[:, None] & (hw < hw_end)[None, :]
         tile = tl.load(base + hw[None, :] * stride_hw, mask=mask, other=0.0).to(tl.float32)
+        count = (start - hw_begin).to(tl.float32)  # positions merged so far
         tile_count = tl.minimum(hw_end - start, BLOCK_HW).to(tl.float32)
         tile_mean = tl.sum(tile, axis=1) / tile_count
         deviation = tl.where(mask, tile - tile_mean[:, None], 0.0)
@@ -54,7 +54,6 @@ def _partial_moments_kernel(
         delta = tile_mean - mean
         mean += delta * (tile_count / total)
         m2 += tl.sum(deviation * deviation, axis=1) + delta * delta * (count * tile_count / total)
-        count = total
     out = (b * tl.num_programs(2) + chunk_id) * C + channels
     tl.store(mean_ptr + out, mean, mask=channel_mask)
     tl.store(m2_ptr + out, m2, mask=channel_mask)

@@ -7,7 +7,7 @@ log_softmax(z_t / T) with ``log_target=True`` (the Tiny recipe, times T^2). Teac
 probability 0 (logit -inf) contribute 0, the 0 * log 0 = 0 convention.
 
 The fused path runs one Triton program per row: a first sweep keeps an online max and sum of
-exponentials for both rows, a second computes the exact log-probabilities, the row's loss and the
+exponentials per lane for both rows (combined once at the end), a second computes the exact log-probabilities, the row's loss and the
 gradient w.r.t. z_s, ``scale / (N T) * (p_s - p_t)``, written during the forward. Backward only
 scales that gradient; nothing of size [N, K] is kept besides it.
 """
@@ -22,6 +22,21 @@ MAX_BLOCK_K = 4096
 
 
 @triton.jit
+def _log_sum_exp_step(running_max, running_sum, values):
+    """One online log-sum-exp step per lane; an all -inf lane shifts by 0, never by -inf."""
+    new_max = tl.maximum(running_max, values)
+    shift = tl.where(new_max == -float("inf"), 0.0, new_max)
+    return new_max, running_sum * tl.exp(running_max - shift) + tl.exp(values - shift)
+
+
+@triton.jit
+def _log_sum_exp_finish(lane_max, lane_sum):
+    row_max = tl.max(lane_max, axis=0)
+    shift = tl.where(row_max == -float("inf"), 0.0, row_max)
+    return shift + tl.log(tl.sum(lane_sum * tl.exp(lane_max - shift), axis=0))
+
+
+@triton.jit
 def _soft_kl_kernel(
     student_ptr, teacher_ptr, row_loss_ptr, grad_ptr,
     K, stride_student, stride_teacher, stride_grad, inv_temperature, grad_scale,
@@ -30,25 +45,18 @@ def _soft_kl_kernel(
     row = tl.program_id(0).to(tl.int64)
     student_row = student_ptr + row * stride_student
     teacher_row = teacher_ptr + row * stride_teacher
-    max_s = -float("inf")
-    max_t = -float("inf")
-    sum_s = 0.0
-    sum_t = 0.0
+    max_s = tl.full([BLOCK_K], -float("inf"), dtype=tl.float32)
+    max_t = tl.full([BLOCK_K], -float("inf"), dtype=tl.float32)
+    sum_s = tl.zeros([BLOCK_K], dtype=tl.float32)
+    sum_t = tl.zeros([BLOCK_K], dtype=tl.float32)
     for start in range(0, K, BLOCK_K):
         k = start + tl.arange(0, BLOCK_K)
         s = tl.load(student_row + k, mask=k < K, other=-float("inf")).to(tl.float32) * inv_temperature
         t = tl.load(teacher_row + k, mask=k < K, other=-float("inf")).to(tl.float32) * inv_temperature
-        new_max_s = tl.maximum(max_s, tl.max(s, axis=0))
-        new_max_t = tl.maximum(max_t, tl.max(t, axis=0))
-        # A block of only -inf keeps the max at -inf; shift by 0 then, so no -inf - -inf appears.
-        shift_s = tl.where(new_max_s == -float("inf"), 0.0, new_max_s)
-        shift_t = tl.where(new_max_t == -float("inf"), 0.0, new_max_t)
-        sum_s = sum_s * tl.exp(max_s - shift_s) + tl.sum(tl.exp(s - shift_s), axis=0)
-        sum_t = sum_t * tl.exp(max_t - shift_t) + tl.sum(tl.exp(t - shift_t), axis=0)
-        max_s = new_max_s
-        max_t = new_max_t
-    lse_s = max_s + tl.log(sum_s)
-    lse_t = max_t + tl.log(sum_t)
+        max_s, sum_s = _log_sum_exp_step(max_s, sum_s, s)
+        max_t, sum_t = _log_sum_exp_step(max_t, sum_t, t)
+    lse_s = _log_sum_exp_finish(max_s, sum_s)
+    lse_t = _log_sum_exp_finish(max_t, sum_t)
     loss = tl.zeros([BLOCK_K], dtype=tl.float32)
     for start in range(0, K, BLOCK_K):
         k = start + tl.arange(0, BLOCK_K)
