@@ -208,3 +208,15 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         _dispatch.use_triton("triton", cpu)
+
+
+def test_kernels_compile_for_a_gpu(compile_for_gpu):
+    """Every input dtype, NCHW (stride_hw == 1 specialized) and channels_last (stride_c == 1)."""
+    variants = []
+    for dtype in ["fp32", "bf16", "fp16"]:
+        for layout in [{"stride_hw": 1, "BLOCK_C": 1, "BLOCK_HW": 2048}, {"stride_c": 1, "BLOCK_C": 64, "BLOCK_HW": 32}]:
+            variants.append(["_partial_moments_kernel", {"x_ptr": f"*{dtype}", "mean_ptr": "*fp32", "m2_ptr": "*fp32"}, layout])
+            variants.append(["_moments_backward_kernel", {
+                "x_ptr": f"*{dtype}", "dx_ptr": f"*{dtype}", "groups_ptr": "*i64", "mean_ptr": "*fp32",
+                "coef_mean_ptr": "*fp32", "coef_var_ptr": "*fp32"}, layout])
+    compile_for_gpu("lpld_kernels.bn_match", variants)

@@ -141,3 +141,13 @@ def test_reference_passes_gradcheck():
 def test_bad_shapes_are_refused(student_shape, teacher_shape):
     with pytest.raises(ValueError, match="same shape"):
         lpld_kernels.soft_kl_div(torch.zeros(student_shape), torch.zeros(teacher_shape))
+
+
+def test_kernel_compiles_for_a_gpu(compile_for_gpu):
+    variants = [
+        ["_soft_kl_kernel", {"student_ptr": f"*{student}", "teacher_ptr": "*fp16", "row_loss_ptr": "*fp32",
+                             "grad_ptr": f"*{student}", "inv_temperature": "fp32", "grad_scale": "fp32"},
+         {"BLOCK_K": block, "WRITE_GRAD": write_grad}]
+        for student in ["fp32", "bf16"] for block, write_grad in [(16, True), (4096, True), (1024, False)]
+    ]
+    compile_for_gpu("lpld_kernels.kl_div", variants)
