@@ -2,6 +2,8 @@
 import copy
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,10 +11,12 @@ from torch import nn
 from torchvision.io import write_png
 
 import lpld_kernels
-from lpld import relabel
+from lpld import relabel, replay
 from lpld import train as training
 from lpld.data import load_distilled
 from lpld.errors import UserError
+from lpld.labels import LabelStore
+from lpld.models import build_model
 from lpld.recipes import get_recipe
 from lpld.workdir import WorkDir
 
@@ -28,23 +32,28 @@ def write_folder(root, images_per_class, seed):
                       str(root / f"c{c:05d}" / f"c{c:05d}_i{i:04d}.png"))
 
 
-def tiny_run(tmp_path, *overrides):
+def tiny_overrides(tmp_path, *extra):
+    """Recipe overrides for a 3-class, 16 px ImageFolder under tmp_path/real and a ResNet-10 student."""
+    return [
+        "data.dataset=imagefolder", f"data.root={tmp_path / 'real'}", f"data.num_classes={CLASSES}",
+        "data.channels=3", f"data.resolution={SIDE}", "data.mean=0.4,0.5,0.6", "data.std=0.2,0.25,0.3",
+        "model.arch=resnet10", "model.stem=3x3s2", "train.epochs=2", "train.val_interval=1", "train.compile=false",
+        "train.loader=torch", "train.workers=0", "train.optimizer=adamw", "train.lr=0.01",
+        "relabel.epochs=2", "relabel.batch_size=4", *extra,
+    ]
+
+
+def tiny_run(tmp_path, *extra):
     """A work dir with distilled PNGs and relabel's store, and a recipe whose real data is a tiny ImageFolder."""
     write_folder(tmp_path / "real" / "train", 2, seed=1)
     write_folder(tmp_path / "real" / "val", 5, seed=2)
     workdir = WorkDir(tmp_path / "run")
     write_folder(workdir.distilled, IPC, seed=3)
-    recipe = get_recipe("fmnist", [
-        "data.dataset=imagefolder", f"data.root={tmp_path / 'real'}", f"data.num_classes={CLASSES}",
-        "data.channels=3", f"data.resolution={SIDE}", "data.mean=0.4,0.5,0.6", "data.std=0.2,0.25,0.3",
-        "model.arch=resnet10", "model.stem=3x3s2", "train.epochs=2", "train.val_interval=1", "train.compile=false",
-        "train.loader=torch", "train.workers=0", "train.optimizer=adamw", "train.lr=0.01", *overrides,
-    ])
+    recipe = get_recipe("fmnist", tiny_overrides(tmp_path, *extra))
     distilled = load_distilled(workdir.distilled, 3)
     torch.manual_seed(0)
     teacher = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIDE * SIDE, CLASSES))
-    header = relabel.label_header(recipe.with_overrides(["relabel.epochs=2", "relabel.batch_size=4"]),
-                                  distilled.images, distilled.fingerprint, "teacher")
+    header = relabel.label_header(recipe, distilled.images, distilled.fingerprint, "teacher")
     relabel.generate(teacher, distilled.images, workdir.labels, header)
     return recipe, workdir
 
@@ -168,3 +177,38 @@ def test_dali_replay_trains_like_torch_replay(tmp_path):
         if value.is_floating_point():
             torch.testing.assert_close(weights(workdir, "dali")[key], value, rtol=1e-4, atol=1e-6)
     assert results["dali"]["top1"] == results["torch"]["top1"]
+
+
+def test_torchrun_ranks_split_the_records_and_match_one_process(tmp_path):
+    """2 gloo ranks == one process taking the same two records per step as micro-batches.
+
+    Rank r replays records r, r + 2, ... of the plan and DDP averages the two gradients; one process
+    that concatenates each pair and accumulates over micro-batches of one record computes the same
+    average with the same per-record BatchNorm statistics, so the parameters agree up to float
+    reduction order (buffers differ: DDP keeps rank 0's running statistics).
+    """
+    extra = ["train.epochs=1", "relabel.batch_size=2"]  # 6 records of 2 images: 3 steps of 2 ranks
+    recipe, workdir = tiny_run(tmp_path, *extra)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lpld",
+               "train", "--workdir", str(workdir.root), "--labels", str(workdir.labels), "--name", "ddp",
+               "--device", "cpu", *[item for override in tiny_overrides(tmp_path, *extra) for item in ("--set", override)]]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    store = LabelStore.open(workdir.labels)
+    dataset = replay.RecordDataset(store, load_distilled(workdir.distilled, 3).images, SIDE, store.meta["mean"],
+                                   store.meta["std"])
+    torch.manual_seed(recipe.train.seed)
+    model = build_model("resnet10", CLASSES, 3, "3x3s2").train()
+    optimizer = training.build_optimizer(model, recipe.train)
+    loss_fn = training.make_loss_fn(model, recipe.train, torch.device("cpu"))
+    plan = training.training_plan(store, recipe.train.seed)(0)
+    for first in range(0, len(plan), 2):
+        pair = [dataset[g] for g in plan[first:first + 2]]
+        optimizer.zero_grad()
+        training.accumulate_gradients(loss_fn, torch.cat([b.images for b in pair]), torch.cat([b.logits for b in pair]),
+                                      micro_batch=store.meta["batch_size"])
+        optimizer.step()
+    trained = weights(workdir, "ddp")
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(trained[name], parameter.detach(), rtol=1e-4, atol=1e-6)
