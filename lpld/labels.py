@@ -31,6 +31,8 @@ FORMAT = "lpld-labels/1"
 META = "meta.json"
 PROGRESS = "progress.json"
 GIB = 1024**3
+REQUIRED_META = ("num_images", "batch_size", "num_classes", "channels", "epochs", "batches_per_epoch",
+                 "num_records", "size", "flip", "mix", "arrays")
 PARTIAL_BATCH_RULE = "excluded: batches_per_epoch = num_images // batch_size; the last images of each epoch order are not labelled"
 
 
@@ -201,8 +203,11 @@ class LabelStore:
             meta = json.loads((path / META).read_text())
         except json.JSONDecodeError as error:
             raise UserError(f"{path / META} is not valid JSON ({error}); regenerate the store") from None
-        if meta.get("format") != FORMAT:
-            raise UserError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}; regenerate the store")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise UserError(f"{path}: not a {FORMAT} meta.json; regenerate the store")
+        missing = [key for key in REQUIRED_META if key not in meta]
+        if missing:
+            raise UserError(f"{path / META} lacks {', '.join(missing)}; the meta is corrupt, regenerate the store")
         for expected, key, what in ((expect_images, "num_images", "images"), (expect_classes, "num_classes", "classes")):
             if expected is not None and meta[key] != expected:
                 raise UserError(f"{path}: labels were made for {meta[key]} {what}, but {expected} are given; "
@@ -223,6 +228,8 @@ class LabelStore:
         file = path / f"{name}.npy"
         if not file.is_file():
             raise UserError(f"{path}: array file {file.name} is missing; regenerate or re-copy the store")
+        if not isinstance(declared, dict) or not {"shape", "dtype", "sha256"} <= declared.keys():
+            raise UserError(f"{path}: meta.json lacks the shape, dtype or sha256 of {name}; the meta is corrupt")
         if tuple(declared["shape"]) != shape or np.dtype(declared["dtype"]) != dtype:
             raise UserError(f"{path}: meta declares {name} as {declared['dtype']} {declared['shape']}, "
                             f"expected {dtype.str} {list(shape)}; the meta is corrupt")

@@ -133,6 +133,14 @@ def test_mismatched_counts_are_refused(store_path):
     (store_path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="logits"):
         LabelStore.open(store_path, verify_checksums=False)
+    del meta["arrays"]["crop"]["sha256"]
+    (store_path / "meta.json").write_text(json.dumps(dict(meta, num_classes=K)))
+    with pytest.raises(UserError, match="sha256 of crop"):
+        LabelStore.open(store_path, verify_checksums=False)
+    del meta["epochs"]
+    (store_path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="lacks epochs"):
+        LabelStore.open(store_path)
 
 
 def test_out_of_range_image_index_is_refused(tmp_path):
