@@ -13,7 +13,7 @@ Two interchangeable back ends produce the same ``ReplayBatch`` for the same reco
 * ``dali``: a DALI pipeline fed per record by ``fn.external_source``: ``fn.slice`` (the stored
   integer box) -> ``fn.resize`` (linear, no antialias, float) -> ``fn.flip`` -> ``fn.erase``
   (cutout) -> ``fn.multi_paste`` (CutMix: sample i pastes the stored box of sample perm[i] over
-  itself, an exact copy) -> normalize. It runs on the GPU, or on the CPU with ``device_id=None``.
+  itself; a pure copy, so it reproduces CutMix exactly, empty boxes included) -> normalize. It runs on the GPU, or on the CPU with ``device_id=None``.
   The float resize agrees with torch's to about one float32 rounding step (tests/test_replay.py).
 """
 from __future__ import annotations
@@ -125,9 +125,8 @@ class DaliLoader:
         self.images_hwc = images.permute(0, 2, 3, 1).cpu().numpy().copy()
         self.size, self.mean, self.std = size, tuple(mean), tuple(std)
         self.device, self.threads = torch.device(device), threads
-        first = store.record(int(next(iter(store.ids))))
-        self.batch_size = len(first.img_idx)
-        self.has_cutout, self.has_mix = first.cutout is not None, first.mix_perm is not None
+        self.batch_size = store.meta["batch_size"]
+        self.has_cutout, self.has_mix = store.meta["flip"] == "cutout", store.meta["mix"] == "cutmix"
         self._iterator = None
         self._next_epoch, self._exhausted = None, False
 
