@@ -2,8 +2,12 @@
 
 One place decides between the fused Triton kernel and the plain PyTorch reference, so every op
 behaves the same for ``backend=None | "triton" | "torch"`` and the ``LPLD_KERNEL_BACKEND``
-environment variable. Buffers that a kernel must fully overwrite come from ``empty``; the tests
-swap it for a NaN-filled allocator so that an element a kernel forgot to write shows up.
+environment variable. The reference runs eager: torch.compile made it 1.3-4x faster on 2 busy CPU cores
+(benchmarks/results/kernels-cpu-2c.json) but costs tens of seconds per shape family cold, more
+than a short CPU run saves, and CUDA tensors get the fused kernels anyway.
+
+Buffers that a kernel must fully overwrite come from ``empty``; the tests swap it for a
+NaN-filled allocator so that an element a kernel forgot to write shows up.
 """
 import os
 
