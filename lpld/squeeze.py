@@ -41,6 +41,7 @@ def squeeze(recipe: Recipe, workdir: WorkDir, device: torch.device | str, weight
                   "delete it to train again")
         return meta
     started = time.time()
+    torch.manual_seed(recipe.squeeze.seed)
     model = build_model(recipe.model.arch, recipe.data.num_classes, recipe.data.channels, recipe.model.stem)
     if weights:
         apply_weights(model, load_weights_file(weights), weights)
@@ -63,7 +64,6 @@ def squeeze(recipe: Recipe, workdir: WorkDir, device: torch.device | str, weight
 def _train(model: torch.nn.Module, recipe: Recipe, workdir: WorkDir, device: torch.device) -> None:
     """SGD + per-iteration cosine from ``squeeze.lr`` to 0, resuming from the last finished epoch."""
     cfg = recipe.squeeze
-    torch.manual_seed(cfg.seed)
     dataset = load_real(recipe.data, "train", train_transform(recipe.data, kind=cfg.augment))
     sampler = DistributedSampler(dataset, distributed.world_size(), distributed.rank(), shuffle=True,
                                  seed=cfg.seed, drop_last=True)
