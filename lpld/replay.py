@@ -197,8 +197,7 @@ class DaliLoader:
                 x = fn.multi_paste(x, in_ids=sources, in_anchors=anchors, shapes=shapes, out_anchors=anchors)
             mean = types.Constant(np.asarray(self.mean, dtype=np.float32))
             std = types.Constant(np.asarray(self.std, dtype=np.float32))
-            x = fn.transpose((x - mean) / std, perm=[2, 0, 1])
-            return x, logits, record
+            return (x - mean) / std, logits, record
 
         pipeline = replay_pipeline()
         pipeline.build()
@@ -216,7 +215,8 @@ class DaliLoader:
         self._next_epoch, self._exhausted = epoch + 1, False
         for outputs in self._iterator:
             out = outputs[0]
-            yield ReplayBatch(out["images"], out["logits"], int(out["record"][0]))
+            # HWC out of DALI, seen as NCHW: a channels_last view, the layout the GPU student uses.
+            yield ReplayBatch(out["images"].permute(0, 3, 1, 2), out["logits"], int(out["record"][0]))
         self._exhausted = True
 
 
