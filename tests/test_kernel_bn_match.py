@@ -203,6 +203,9 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setenv(_dispatch.ENV_VAR, "triton")
     assert _dispatch.use_triton(None, cpu)
     assert not _dispatch.use_triton("torch", cpu)
+    with mock.patch.object(bn_match.GroupMoments, "apply", wraps=bn_match.GroupMoments.apply) as fused:
+        lpld_kernels.class_bn_loss(*make_inputs(2, 3, 2, 2, num_groups=1))
+    assert fused.called
     with pytest.raises(ValueError, match="unknown kernel backend"):
         _dispatch.use_triton("cuda", cpu)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
