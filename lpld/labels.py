@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .augment import Cutout, Record
 from .errors import UserError
@@ -38,14 +39,18 @@ PARTIAL_BATCH_RULE = "excluded: batches_per_epoch = num_images // batch_size; th
 
 def array_specs(meta: dict) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Shape and dtype of every array a store with this meta holds (the optional ones by recipe)."""
-    rows, batch, classes = meta["num_records"], meta["batch_size"], meta["num_classes"]
+    rows, batch, classes, topk = meta["num_records"], meta["batch_size"], meta["num_classes"], meta.get("topk", 0)
     specs = {
         "ids": ((rows,), np.dtype(np.int64)),
         "img_idx": ((rows, batch), np.dtype(np.int32)),
         "crop": ((rows, batch, 4), np.dtype(np.int32)),
         "flip": ((rows, batch), np.dtype(np.bool_)),
-        "logits": ((rows, batch, classes), np.dtype(np.float16)),
     }
+    if topk:
+        specs["topk_values"] = ((rows, batch, topk), np.dtype(np.float16))
+        specs["topk_indices"] = ((rows, batch, topk), np.dtype(np.int16 if classes <= 2**15 else np.int32))
+    else:
+        specs["logits"] = ((rows, batch, classes), np.dtype(np.float16))
     if meta["flip"] == "cutout":
         specs["cutout_box"] = ((rows, batch, 4), np.dtype(np.int32))
         specs["cutout_fill"] = ((rows, batch, meta["channels"]), np.dtype(np.uint8))
@@ -63,11 +68,24 @@ def _write_json(path: Path, value: dict) -> None:
     os.replace(tmp, path)
 
 
+def dense_logits(values: np.ndarray, indices: np.ndarray, num_classes: int) -> np.ndarray:
+    """fp16 logits [..., K] holding the top-k values and -inf elsewhere, so that softmax gives
+    the top-k distribution renormalized (the optional top-k store, an extension of SPEC.md section 8)."""
+    dense = np.full((*values.shape[:-1], num_classes), -np.inf, dtype=np.float16)
+    np.put_along_axis(dense, indices.astype(np.int64), values, axis=-1)
+    return dense
+
+
 def _put(arrays: dict, row: int, record: Record) -> None:
     arrays["img_idx"][row] = record.img_idx
     arrays["crop"][row] = record.crop
     arrays["flip"][row] = record.flip
-    arrays["logits"][row] = record.logits
+    if "topk_values" in arrays:
+        top = torch.from_numpy(np.asarray(record.logits)).float().topk(arrays["topk_values"].shape[-1], dim=-1)
+        arrays["topk_values"][row] = top.values.to(torch.float16).numpy()
+        arrays["topk_indices"][row] = top.indices.numpy()
+    else:
+        arrays["logits"][row] = record.logits
     if "cutout_box" in arrays:
         arrays["cutout_box"][row] = record.cutout.box
         arrays["cutout_fill"][row] = record.cutout.fill
@@ -281,12 +299,19 @@ class LabelStore:
             raise KeyError(f"record {g} is not in the label store {self.path}")
         return row
 
+    def logits(self, start: int, stop: int) -> np.ndarray:
+        """fp16 logits of rows [start, stop), [rows, B, K] (dense even in a top-k store)."""
+        if "logits" in self.specs:
+            return np.array(self.array("logits")[start:stop])
+        values, indices = self.array("topk_values")[start:stop], self.array("topk_indices")[start:stop]
+        return dense_logits(np.asarray(values), np.asarray(indices), self.meta["num_classes"])
+
     def record(self, g: int) -> Record:
         """Record with global id ``g`` (O(1): one lookup, then one slice per array)."""
         r = self.row(g)
         arrays = {name: self.array(name) for name in self.specs}
         record = Record(img_idx=np.array(arrays["img_idx"][r]), crop=np.array(arrays["crop"][r]),
-                        flip=np.array(arrays["flip"][r]), logits=np.array(arrays["logits"][r]))
+                        flip=np.array(arrays["flip"][r]), logits=self.logits(r, r + 1)[0])
         if "cutout_box" in arrays:
             record.cutout = Cutout(box=np.array(arrays["cutout_box"][r]), fill=np.array(arrays["cutout_fill"][r]))
         if "mix_perm" in arrays:
@@ -318,9 +343,10 @@ def _info(args: argparse.Namespace) -> None:
     store = LabelStore.open(args.path, verify_checksums=not args.no_verify)
     report = storage_report(store)
     meta = store.meta
+    kept = f", top {meta['topk']} per sample" if meta.get("topk") else ""
     print(f"{store.path}: {report['records']} of {report['full_records']} records "
           f"({meta['epochs']} epochs x {meta['batches_per_epoch']} batches of {meta['batch_size']} images, "
-          f"{meta['num_classes']} classes, logits {np.dtype(meta['arrays']['logits']['dtype']).name})")
+          f"{meta['num_classes']} classes, fp16 logits{kept})")
     for name, size in report["bytes_per_array"].items():
         print(f"  {name:12s} {size:>16,d} bytes")
     print(f"  on disk      {report['bytes_on_disk']:>16,d} bytes = {report['bytes_on_disk'] / GIB:.4g} GiB")

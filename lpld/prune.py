@@ -63,8 +63,8 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 def _per_record(store: LabelStore, score_rows: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     """Apply a [rows, B, K] logits -> [rows] score in chunks (the logits can be many GiB)."""
-    logits = store.array("logits")
-    return np.concatenate([score_rows(logits[i : i + ROWS_PER_COPY]) for i in range(0, len(store), ROWS_PER_COPY)])
+    chunks = range(0, len(store), ROWS_PER_COPY)
+    return np.concatenate([score_rows(store.logits(i, i + ROWS_PER_COPY)) for i in chunks])
 
 
 def confidence(store: LabelStore) -> np.ndarray:

@@ -56,9 +56,17 @@ def epoch_records(header: dict, epoch: int) -> list[Record]:
     return records
 
 
-def label_header(recipe: Recipe, images: torch.Tensor, dataset_fingerprint: str, teacher_fingerprint: str) -> dict:
-    """Everything a label store records about how it was made (the meta minus array checksums)."""
+def label_header(recipe: Recipe, images: torch.Tensor, dataset_fingerprint: str, teacher_fingerprint: str,
+                 topk: int = 0) -> dict:
+    """Everything a label store records about how it was made (the meta minus array checksums).
+
+    ``topk`` > 0 keeps only the k largest logits per sample (values + class indices; the rest
+    read back as -inf). Off by default: the paper stores full K, and LPLD's point is that pruning
+    whole records already gives 10-100x.
+    """
     config = recipe.relabel
+    if not 0 <= topk <= recipe.data.num_classes:
+        raise UserError(f"--topk {topk}: must be between 0 (full logits) and the class count {recipe.data.num_classes}")
     if config.flip not in ("flip", "cutout") or config.mix not in ("cutmix", "none"):
         raise UserError(f"relabel.flip={config.flip!r}, relabel.mix={config.mix!r}: "
                         "flip must be flip or cutout and mix must be cutmix or none")
@@ -74,7 +82,7 @@ def label_header(recipe: Recipe, images: torch.Tensor, dataset_fingerprint: str,
         "batches_per_epoch": num_images // config.batch_size, "partial_batches": PARTIAL_BATCH_RULE,
         "size": recipe.data.resolution, "mean": list(recipe.data.mean), "std": list(recipe.data.std),
         "crop_scale": list(config.crop_scale), "flip": config.flip, "mix": config.mix,
-        "seeds": {"relabel": config.seed}, "logits_dtype": "float16", "prune": [],
+        "seeds": {"relabel": config.seed}, "logits_dtype": "float16", "topk": topk, "prune": [],
         "dataset_fingerprint": dataset_fingerprint, "teacher_fingerprint": teacher_fingerprint,
         "recipe": recipe.to_dict(),
     }
@@ -122,7 +130,8 @@ def generate(teacher: nn.Module, images: torch.Tensor, out: str | Path, header: 
     return Path(out)
 
 
-def relabel(recipe: Recipe, workdir: WorkDir, device: torch.device | str, only_kept: bool = False) -> Path:
+def relabel(recipe: Recipe, workdir: WorkDir, device: torch.device | str, only_kept: bool = False,
+            topk: int = 0) -> Path:
     """``lpld relabel``: label the distilled images in workdir with its teacher.
 
     ``only_kept`` writes just the records that ``lpld prune`` would keep at recipe.prune (ratio,
@@ -135,7 +144,7 @@ def relabel(recipe: Recipe, workdir: WorkDir, device: torch.device | str, only_k
     distributed.init()
     distilled = data.load_distilled(workdir.distilled, recipe.data.channels)
     teacher = models.load_teacher(workdir.teacher, recipe, device)
-    header = label_header(recipe, distilled.images, distilled.fingerprint, models.model_fingerprint(teacher))
+    header = label_header(recipe, distilled.images, distilled.fingerprint, models.model_fingerprint(teacher), topk)
     ids, out = None, workdir.labels
     if only_kept:
         config = recipe.prune
@@ -154,7 +163,8 @@ def relabel(recipe: Recipe, workdir: WorkDir, device: torch.device | str, only_k
 
 def _command(args: argparse.Namespace) -> None:
     recipe = recipe_from_args(args)
-    relabel(recipe, WorkDir.for_recipe(args.workdir, recipe.name), distributed.device(args.device), args.generate_only_kept)
+    workdir = WorkDir.for_recipe(args.workdir, recipe.name)
+    relabel(recipe, workdir, distributed.device(args.device), args.generate_only_kept, args.topk)
 
 
 def register(subparsers) -> None:
@@ -162,4 +172,6 @@ def register(subparsers) -> None:
     add_recipe_arguments(parser)
     parser.add_argument("--generate-only-kept", action="store_true",
                         help="write only the records that prune keeps at recipe.prune.ratio/pool/seed (scored pools need full labels)")
+    parser.add_argument("--topk", type=int, default=0,
+                        help="store only the k largest logits per sample (extension; default 0 = full fp16 logits, as the paper)")
     parser.set_defaults(func=_command)

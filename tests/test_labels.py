@@ -37,9 +37,9 @@ def _random_record(generator, flip, mix):
     return record
 
 
-def write_store(path, ids, flip="flip", mix="cutmix", seed=0):
+def write_store(path, ids, flip="flip", mix="cutmix", seed=0, topk=0):
     generator = torch.Generator().manual_seed(seed)
-    writer = LabelStoreWriter(path, _header(flip, mix), ids)
+    writer = LabelStoreWriter(path, dict(_header(flip, mix), topk=topk), ids)
     written = {}
     for row, g in enumerate(ids):
         written[int(g)] = _random_record(generator, flip, mix)
@@ -177,3 +177,22 @@ def test_info_reports_bytes_and_compression(store_path, capsys):
     args = parser.parse_args(["labels", "info", str(store_path)])
     args.func(args)
     assert "compression  1.00x" in capsys.readouterr().out
+
+
+def test_topk_store_keeps_the_k_largest_logits(tmp_path):
+    from lpld_kernels import soft_kl_div
+
+    written = write_store(tmp_path / "s", np.arange(4), topk=3)
+    store = LabelStore.open(tmp_path / "s")
+    assert "logits" not in store.specs and store.array("topk_indices").dtype == np.int16
+    for g, want in written.items():
+        full = torch.from_numpy(want.logits).double()
+        top = full.topk(3, dim=-1)
+        reference = torch.full_like(full, float("-inf")).scatter(-1, top.indices, top.values)
+        got = torch.from_numpy(store.record(g).logits)
+        assert got.dtype == torch.float16
+        torch.testing.assert_close(got.double(), reference, rtol=0, atol=0)
+        # softmax of the stored row is the renormalized top-3 distribution, and the KD loss stays finite
+        probs = torch.softmax(full, -1).gather(-1, top.indices)
+        torch.testing.assert_close(torch.softmax(got.double(), -1).gather(-1, top.indices), probs / probs.sum(-1, keepdim=True))
+        assert torch.isfinite(soft_kl_div(torch.randn(B, K), got.float(), temperature=4.0, backend="torch"))

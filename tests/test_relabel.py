@@ -196,3 +196,16 @@ def test_teacher_with_another_class_count_is_refused(tmp_path, images):
     header = relabel.label_header(_recipe(), images, "d", "t")
     with pytest.raises(UserError, match="expected 10 classes"):
         relabel.generate(nn.Sequential(nn.Flatten(), nn.LazyLinear(7)), images, tmp_path / "s", header)
+
+
+def test_topk_relabel_stores_the_top_of_the_full_logits(tmp_path, images):
+    full = _generate(tmp_path / "full", images)
+    header = relabel.label_header(_recipe(), images, "data-fp", "teacher-fp", topk=4)
+    top = _generate(tmp_path / "top", images, header=header)
+    assert top.meta["topk"] == 4
+    for g in (0, 5, 11):
+        dense, kept = full.record(g).logits.astype(np.float64), top.record(g).logits.astype(np.float64)
+        assert (np.isfinite(kept).sum(-1) == 4).all()
+        np.testing.assert_array_equal(np.sort(kept, -1)[:, -4:], np.sort(dense, -1)[:, -4:])
+    with pytest.raises(UserError, match="--topk 11"):
+        relabel.label_header(_recipe(), images, "d", "t", topk=11)
