@@ -11,6 +11,9 @@ Partial batches never exist: an epoch's order holds N images but only nb = N // 
 labelled (the last N % B images of that order are skipped), so every record has exactly B rows
 and no "g - 1" remap is needed (SPEC.md section 5).
 
+An optional top-k layout (meta "topk" > 0) stores the k largest fp16 logits per sample and their
+class indices instead of all K; ``record`` reads them back as dense logits with -inf elsewhere.
+
 Loading never runs code: arrays are read with ``np.load(allow_pickle=False)`` and meta.json is
 plain JSON.
 """
