@@ -3,7 +3,7 @@
 Upstream writes one torch.save pickle per (epoch, batch): 23k-470k small files, loaded whole per
 step, and keyed by the first image index of a batch (SPEC.md sections 4, 5 and 11.2-11.4). Here a
 label set is a handful of columnar arrays whose row r holds the record with global id ids[r]
-(epoch = g // nb, batch = g % nb), so reading record g is two slices of memmaps, a pruned store
+(epoch = g // nb, batch = g % nb), so reading record g is one lookup and one memmap slice per array, a pruned store
 is the same format with fewer rows, and the whole set is checked against the sha256 recorded per
 array in meta.json before anything trains on it.
 
