@@ -20,14 +20,22 @@ def idx_bytes(array: np.ndarray) -> bytes:
     return struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
 
 
-def write_fmnist(folder: Path, n_train=12, n_val=5, compress=True, seed=0):
-    """Small IDX files in the Fashion-MNIST names; returns the arrays written."""
+def random_pixels(labels: np.ndarray, rng) -> np.ndarray:
+    return rng.integers(0, 256, (len(labels), 28, 28), dtype=np.uint8)
+
+
+def write_fmnist(folder: Path, n_train=12, n_val=5, compress=True, seed=0, pixels=random_pixels):
+    """Small IDX files in the Fashion-MNIST names, labels 0..9 cycling; returns the arrays written.
+
+    Other test files reuse it; ``pixels(labels, rng)`` makes the uint8 [n, 28, 28] images.
+    """
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     arrays = {}
     for prefix, n in (("train", n_train), ("t10k", n_val)):
-        arrays[f"{prefix}-images-idx3-ubyte"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        arrays[f"{prefix}-labels-idx1-ubyte"] = (np.arange(n) % 10).astype(np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        arrays[f"{prefix}-images-idx3-ubyte"] = pixels(labels, rng)
+        arrays[f"{prefix}-labels-idx1-ubyte"] = labels
     for name, array in arrays.items():
         data = idx_bytes(array)
         if compress:

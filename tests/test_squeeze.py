@@ -1,7 +1,4 @@
 """A tiny teacher run on generated Fashion-MNIST-format files: it learns, resumes, and imports weights."""
-import gzip
-import struct
-
 import numpy as np
 import pytest
 import torch
@@ -12,24 +9,18 @@ from lpld.models import build_model, load_teacher, read_teacher_meta
 from lpld.recipes import get_recipe
 from lpld.squeeze import CHECKPOINT, squeeze
 from lpld.workdir import WorkDir
+from test_data import write_fmnist
 
 
-def write_idx(path, array):
-    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    path.write_bytes(gzip.compress(header + array.tobytes()))
+def brightness_classes(labels, rng):
+    """Ten classes told apart by brightness (20 + 23 k plus noise): learnable in a few steps."""
+    return np.clip(20 + 23 * labels[:, None, None] + rng.normal(0, 4, (len(labels), 28, 28)), 0, 255).astype(np.uint8)
 
 
 @pytest.fixture
 def recipe(tmp_path):
-    """Ten classes told apart by brightness (20 + 23 k plus noise): learnable in a few steps."""
-    rng = np.random.default_rng(0)
     root = tmp_path / "data"
-    root.mkdir()
-    for prefix, n in (("train", 120), ("t10k", 60)):
-        labels = np.arange(n) % 10
-        images = np.clip(20 + 23 * labels[:, None, None] + rng.normal(0, 4, (n, 28, 28)), 0, 255).astype(np.uint8)
-        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
-        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels.astype(np.uint8))
+    write_fmnist(root, n_train=120, n_val=60, pixels=brightness_classes)
     return get_recipe("fmnist", [f"data.root={root}", "squeeze.epochs=3", "squeeze.batch_size=20", "data.resolution=16",
                                  "squeeze.workers=0", "squeeze.lr=0.05"])
 

@@ -4,8 +4,11 @@ import safetensors.torch
 import torch
 
 from lpld.errors import UserError
-from lpld.models import bn_layers, build_model, model_fingerprint
-from lpld.stats import ClassBNStats, collect_class_bn_stats
+from lpld.models import bn_layers, build_model, model_fingerprint, save_teacher
+from lpld.recipes import get_recipe
+from lpld.stats import ClassBNStats, collect_class_bn_stats, stats as stats_command
+from lpld.workdir import WorkDir
+from test_data import write_fmnist
 
 NUM_CLASSES = 4
 # Three batches; class 2 is missing from the second batch and class 3 never appears.
@@ -129,3 +132,19 @@ def test_mismatched_files_are_refused(saved, tmp_path):
     damaged.write_bytes(path.read_bytes()[:100])
     with pytest.raises(UserError):
         ClassBNStats.load(damaged)
+
+
+def test_stats_command_writes_a_file_that_fits_its_teacher(tmp_path, capsys):
+    write_fmnist(tmp_path / "data", n_train=30, n_val=10)
+    recipe = get_recipe("fmnist", [f"data.root={tmp_path / 'data'}", "stats.batch_size=8", "stats.workers=0"])
+    workdir = WorkDir(tmp_path / "run")
+    teacher = build_model(recipe.model.arch, 10, channels=1, stem=recipe.model.stem).eval()
+    save_teacher(workdir.teacher, teacher, recipe)
+    result = stats_command(recipe, workdir, "cpu")
+    loaded = ClassBNStats.load(workdir.stats, teacher, 10, model_fingerprint(teacher))
+    assert loaded.meta == result.meta and loaded.meta["images"] == 30 and loaded.meta["mode"] == "ema"
+    assert loaded.meta["arch"] == "resnet10" and loaded.meta["resolution"] == 28 and loaded.meta["dataset_fingerprint"]
+    assert loaded.layers["bn1"].count.tolist() == [3] * 10
+    assert "12 BN layers" in capsys.readouterr().out
+    stats_command(recipe, workdir, "cpu")  # a second call keeps the file
+    assert "exists" in capsys.readouterr().out
