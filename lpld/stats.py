@@ -140,6 +140,8 @@ class _ClassMoments:
 
     def __init__(self, layers, num_classes: int, mode: str, momentum: float, device):
         self.mode, self.momentum, self.num_classes = mode, momentum, num_classes
+        self.batches = self.images = 0  # folded so far (images over all ranks)
+        self.tag = ""  # the pass's settings; a checkpoint of other settings is refused
         self.count = torch.zeros(num_classes, dtype=torch.int64, device=device)
         self.first = {}  # EMA: running mean; exact: sum of per-sample means
         self.second = {}  # EMA: running var; exact: sum of per-sample E[x^2]
@@ -168,6 +170,21 @@ class _ClassMoments:
             m = self.momentum
             self.first[name] = torch.where(present, (1 - m) * self.first[name] + m * batch_mean, self.first[name])
             self.second[name] = torch.where(present, (1 - m) * self.second[name] + m * batch_var, self.second[name])
+
+    def save(self, path: Path) -> None:
+        """Write the running state (torch tensors only, read back with weights_only=True)."""
+        state = {"tag": self.tag, "mode": self.mode, "batches": self.batches, "images": self.images, "count": self.count,
+                 "first": self.first, "second": self.second}
+        partial = path.with_name(path.name + ".partial")
+        torch.save(state, partial)
+        partial.replace(path)
+
+    def restore(self, path: Path) -> None:
+        state = torch.load(path, map_location=self.count.device, weights_only=True)
+        if state["tag"] != self.tag or state["mode"] != self.mode or state["first"].keys() != self.first.keys():
+            raise UserError(f"{path} belongs to another statistics pass; delete it to start afresh")
+        self.batches, self.images, self.count = state["batches"], state["images"], state["count"]
+        self.first, self.second = state["first"], state["second"]
 
     def result(self) -> dict[str, LayerStats]:
         if self.mode == "exact":
@@ -204,11 +221,14 @@ def _gather_batch(labels: torch.Tensor, moments: dict) -> tuple[torch.Tensor, di
 
 
 def collect_class_bn_stats(model: nn.Module, loader, num_classes: int, mode: str = "ema", momentum: float = 0.1,
-                           device: torch.device | str = "cpu", meta: dict | None = None) -> ClassBNStats:
+                           device: torch.device | str = "cpu", meta: dict | None = None,
+                           checkpoint: Path | None = None, every: int = 200) -> ClassBNStats:
     """One pass of ``loader`` ((images, labels) batches) through ``model`` in eval mode (SPEC.md 10.1).
 
     The model's global BN running statistics are not touched (eval mode); its train/eval mode is
-    restored afterwards. ``meta`` is merged into the result's metadata.
+    restored afterwards. ``meta`` is merged into the result's metadata. With ``checkpoint`` (one
+    file per rank), the running state is saved every ``every`` batches and an existing file is
+    continued: ``loader`` must then yield only the batches after ``batches_done(checkpoint)``.
     """
     if mode not in MODES:
         raise UserError(f"unknown stats mode {mode!r}; choose one of: {', '.join(MODES)}")
@@ -217,9 +237,15 @@ def collect_class_bn_stats(model: nn.Module, loader, num_classes: int, mode: str
     model.eval()
     recorder = _MomentRecorder(model)
     state = _ClassMoments(recorder.layers, num_classes, mode, momentum, device)
+    info = {"num_classes": num_classes, "mode": mode, "momentum": momentum, "world_size": distributed.world_size(),
+            "teacher_fingerprint": model_fingerprint(model), **(meta or {})}
+    state.tag = json.dumps(info, sort_keys=True)
+    if checkpoint is not None and checkpoint.is_file():
+        state.restore(checkpoint)
     seen, started = 0, time.time()
     try:
-        progress = tqdm(loader, desc=f"class-BN stats ({mode})", disable=not distributed.is_main())
+        progress = tqdm(loader, desc=f"class-BN stats ({mode})", disable=not distributed.is_main(),
+                        initial=state.batches, total=state.batches + len(loader))
         with torch.inference_mode():
             for images, labels in progress:
                 labels = labels.to(device)
@@ -228,13 +254,21 @@ def collect_class_bn_stats(model: nn.Module, loader, num_classes: int, mode: str
                 model(images.to(device, non_blocking=True))
                 state.fold(*_gather_batch(labels, recorder.moments))
                 seen += len(labels) * distributed.world_size()
+                state.batches, state.images = state.batches + 1, state.images + len(labels) * distributed.world_size()
                 progress.set_postfix(img_s=f"{seen / (time.time() - started):.0f}")
+                if checkpoint is not None and state.batches % every == 0:
+                    state.save(checkpoint)
     finally:
         recorder.remove()
         model.train(was_training)
-    info = {"num_classes": num_classes, "mode": mode, "momentum": momentum, "images": seen,
-            "world_size": distributed.world_size(), "teacher_fingerprint": model_fingerprint(model), **(meta or {})}
-    return ClassBNStats(state.result(), info)
+    return ClassBNStats(state.result(), {**info, "images": state.images})
+
+
+def batches_done(checkpoint: Path) -> int:
+    """How many batches a checkpoint of ``collect_class_bn_stats`` has folded (0 without one)."""
+    if not checkpoint.is_file():
+        return 0
+    return int(torch.load(checkpoint, map_location="cpu", weights_only=True)["batches"])
 
 
 def stats(recipe, workdir: WorkDir, device: torch.device | str) -> ClassBNStats:
@@ -250,14 +284,19 @@ def stats(recipe, workdir: WorkDir, device: torch.device | str) -> ClassBNStats:
     teacher = load_teacher(workdir.teacher, recipe, device)
     dataset = load_real(recipe.data, "train", train_transform(recipe.data, scale=cfg.crop_scale))
     torch.manual_seed(cfg.seed + distributed.rank())
-    sampler = DistributedSampler(dataset, distributed.world_size(), distributed.rank(), shuffle=True, seed=cfg.seed)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                        pin_memory=device.type == "cuda")
+    checkpoint = workdir.root / f"stats-checkpoint.rank{distributed.rank()}.pt"
+    done = batches_done(checkpoint)
+    if done and distributed.is_main():
+        print(f"stats: resuming after {done} batches from {checkpoint}")
+    order = list(DistributedSampler(dataset, distributed.world_size(), distributed.rank(), shuffle=True, seed=cfg.seed))
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=order[done * cfg.batch_size:],
+                        num_workers=cfg.workers, pin_memory=device.type == "cuda")
     started = time.time()
     meta = {"arch": recipe.model.arch, "stem": recipe.model.stem, "resolution": recipe.data.resolution,
             "dataset_fingerprint": dataset.fingerprint, "recipe": recipe.name, "batch_size": cfg.batch_size,
             "crop_scale": list(cfg.crop_scale), "seed": cfg.seed}
-    result = collect_class_bn_stats(teacher, loader, recipe.data.num_classes, cfg.mode, cfg.momentum, device, meta)
+    result = collect_class_bn_stats(teacher, loader, recipe.data.num_classes, cfg.mode, cfg.momentum, device, meta,
+                                    checkpoint)
     if distributed.is_main():
         result.save(workdir.stats)
         channels = sum(layer.mean.shape[1] for layer in result.layers.values())
@@ -265,6 +304,7 @@ def stats(recipe, workdir: WorkDir, device: torch.device | str) -> ClassBNStats:
               f"{recipe.data.num_classes} classes from {result.meta['images']} images in "
               f"{time.time() - started:.0f} s -> {workdir.stats}")
     distributed.barrier()
+    checkpoint.unlink(missing_ok=True)
     return result
 
 

@@ -6,7 +6,7 @@ import torch
 from lpld.errors import UserError
 from lpld.models import bn_layers, build_model, model_fingerprint, save_teacher
 from lpld.recipes import get_recipe
-from lpld.stats import ClassBNStats, collect_class_bn_stats, stats as stats_command
+from lpld.stats import ClassBNStats, batches_done, collect_class_bn_stats, stats as stats_command
 from lpld.workdir import WorkDir
 from test_data import write_fmnist
 
@@ -82,6 +82,21 @@ def test_exact_mode_matches_pooled_moments_in_float64():
         assert torch.all(stats.layers[name].mean[3] == 0) and torch.all(stats.layers[name].var[3] == 1)
     for name, bn in bn_layers(model):  # global running statistics untouched
         assert torch.equal(bn.running_mean, running_before[name])
+
+
+@pytest.mark.parametrize("mode", ["ema", "exact"])
+def test_a_pass_continued_from_its_checkpoint_equals_one_pass(tmp_path, mode):
+    model, loader = tiny_teacher(), batches()
+    whole = collect_class_bn_stats(model, loader, NUM_CLASSES, mode=mode)
+    checkpoint = tmp_path / "stats-checkpoint.pt"
+    collect_class_bn_stats(model, loader[:2], NUM_CLASSES, mode=mode, checkpoint=checkpoint, every=1)
+    assert batches_done(checkpoint) == 2
+    continued = collect_class_bn_stats(model, loader[2:], NUM_CLASSES, mode=mode, checkpoint=checkpoint, every=1)
+    assert continued.meta == whole.meta and continued.meta["images"] == 18
+    for name, layer in whole.layers.items():
+        assert torch.equal(continued.layers[name].mean, layer.mean) and torch.equal(continued.layers[name].var, layer.var)
+    with pytest.raises(UserError, match="another statistics pass"):
+        collect_class_bn_stats(model, loader, NUM_CLASSES, mode=mode, momentum=0.2, checkpoint=checkpoint)
 
 
 def test_bad_mode_and_out_of_range_labels_are_user_errors():
