@@ -15,8 +15,14 @@ Modes:
 Several ranks in "ema" mode: EMA states of different shards cannot be merged afterwards, so at
 every step the per-sample moments of all ranks are all-gathered and folded as ONE batch of
 world x batch_size images, in rank order. Every rank then holds the same state, equal to a single
-process running with the global batch. (Upstream instead kept rank 0's EMA over its quarter of
-ImageNet, SPEC.md section 2; ``--set stats.batch_size`` with one process reproduces any batch.)
+process running with the global batch. The traffic is 2 x (sum of BN channels) floats per image
+(38 KB for ResNet-18), far less than the [K, C] tables. (Upstream instead kept rank 0's EMA over
+its quarter of ImageNet, SPEC.md section 2; one process with ``--set stats.batch_size=64``
+reproduces its per-batch class moments.) DistributedSampler pads the last step with a few repeated
+images so that all ranks take the same number of steps.
+
+Interrupted passes continue from a per-rank checkpoint in the work directory (same image order;
+augmentation draws after the resume point differ from an uninterrupted pass).
 """
 from __future__ import annotations
 
@@ -140,7 +146,7 @@ class _ClassMoments:
 
     def __init__(self, layers, num_classes: int, mode: str, momentum: float, device):
         self.mode, self.momentum, self.num_classes = mode, momentum, num_classes
-        self.batches = self.images = 0  # folded so far (images over all ranks)
+        self.batches = 0  # folded so far by this rank
         self.tag = ""  # the pass's settings; a checkpoint of other settings is refused
         self.count = torch.zeros(num_classes, dtype=torch.int64, device=device)
         self.first = {}  # EMA: running mean; exact: sum of per-sample means
@@ -173,7 +179,7 @@ class _ClassMoments:
 
     def save(self, path: Path) -> None:
         """Write the running state (torch tensors only, read back with weights_only=True)."""
-        state = {"tag": self.tag, "mode": self.mode, "batches": self.batches, "images": self.images, "count": self.count,
+        state = {"tag": self.tag, "mode": self.mode, "batches": self.batches, "count": self.count,
                  "first": self.first, "second": self.second}
         partial = path.with_name(path.name + ".partial")
         torch.save(state, partial)
@@ -183,7 +189,7 @@ class _ClassMoments:
         state = torch.load(path, map_location=self.count.device, weights_only=True)
         if state["tag"] != self.tag or state["mode"] != self.mode or state["first"].keys() != self.first.keys():
             raise UserError(f"{path} belongs to another statistics pass; delete it to start afresh")
-        self.batches, self.images, self.count = state["batches"], state["images"], state["count"]
+        self.batches, self.count = state["batches"], state["count"]
         self.first, self.second = state["first"], state["second"]
 
     def result(self) -> dict[str, LayerStats]:
@@ -204,20 +210,29 @@ class _ClassMoments:
 
 
 def _gather_batch(labels: torch.Tensor, moments: dict) -> tuple[torch.Tensor, dict]:
-    """All ranks' labels and per-sample moments of this step, concatenated in rank order."""
+    """All ranks' labels and per-sample moments of this step, concatenated in rank order (ema mode).
+
+    Ranks may hold batches of different sizes: rows are padded to the largest and trimmed after.
+    """
     world = distributed.world_size()
     if world == 1:
         return labels, moments
     names = list(moments)
     local = torch.cat([torch.cat(moments[name], dim=1) for name in names] + [labels[:, None].float()], dim=1)
-    gathered = torch.empty((world * local.shape[0], local.shape[1]), dtype=local.dtype, device=local.device)
-    dist.all_gather_into_tensor(gathered, local.contiguous())
+    sizes = torch.empty(world, dtype=torch.int64, device=local.device)
+    dist.all_gather_single(sizes, torch.tensor([len(local)], device=local.device))
+    padded = torch.zeros((int(sizes.max()), local.shape[1]), dtype=local.dtype, device=local.device)
+    padded[:len(local)] = local
+    gathered = torch.empty((world * len(padded), padded.shape[1]), dtype=local.dtype, device=local.device)
+    dist.all_gather_single(gathered, padded)
+    gathered = gathered.view(world, *padded.shape)
+    rows = torch.cat([gathered[rank, :size] for rank, size in enumerate(sizes.tolist())])
     out, start = {}, 0
     for name in names:
         width = moments[name][0].shape[1]
-        out[name] = (gathered[:, start:start + width], gathered[:, start + width:start + 2 * width])
+        out[name] = (rows[:, start:start + width], rows[:, start + width:start + 2 * width])
         start += 2 * width
-    return gathered[:, -1].round().long(), out
+    return rows[:, -1].round().long(), out
 
 
 def collect_class_bn_stats(model: nn.Module, loader, num_classes: int, mode: str = "ema", momentum: float = 0.1,
@@ -252,16 +267,21 @@ def collect_class_bn_stats(model: nn.Module, loader, num_classes: int, mode: str
                 if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
                     raise UserError(f"a label outside [0, {num_classes}) reached the statistics pass; check data.num_classes")
                 model(images.to(device, non_blocking=True))
-                state.fold(*_gather_batch(labels, recorder.moments))
+                if mode == "ema":
+                    state.fold(*_gather_batch(labels, recorder.moments))
+                else:  # pooled sums: each rank folds its own samples, result() all-reduces
+                    state.fold(labels, recorder.moments)
                 seen += len(labels) * distributed.world_size()
-                state.batches, state.images = state.batches + 1, state.images + len(labels) * distributed.world_size()
+                state.batches += 1
                 progress.set_postfix(img_s=f"{seen / (time.time() - started):.0f}")
                 if checkpoint is not None and state.batches % every == 0:
                     state.save(checkpoint)
     finally:
         recorder.remove()
         model.train(was_training)
-    return ClassBNStats(state.result(), {**info, "images": state.images})
+    layers = state.result()
+    images = int(next(iter(layers.values())).count.sum())  # over all ranks, as count is gathered or reduced
+    return ClassBNStats(layers, {**info, "images": images})
 
 
 def batches_done(checkpoint: Path) -> int:

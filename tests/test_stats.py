@@ -1,5 +1,7 @@
 """Class-wise BN statistics against a direct float64 computation (SPEC.md sections 2 and 10.1)."""
 import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import safetensors.torch
 import torch
 
@@ -97,6 +99,35 @@ def test_a_pass_continued_from_its_checkpoint_equals_one_pass(tmp_path, mode):
         assert torch.equal(continued.layers[name].mean, layer.mean) and torch.equal(continued.layers[name].var, layer.var)
     with pytest.raises(UserError, match="another statistics pass"):
         collect_class_bn_stats(model, loader, NUM_CLASSES, mode=mode, momentum=0.2, checkpoint=checkpoint)
+
+
+def _two_rank_pass(rank, folder):
+    """Rank r folds the r-th half of every batch of ``batches()`` (uneven sizes); rank 0 saves."""
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+    try:
+        halves = [(images[rank::2], labels[rank::2]) for images, labels in batches()]
+        for mode in ("ema", "exact"):
+            result = collect_class_bn_stats(tiny_teacher(), halves, NUM_CLASSES, mode=mode)
+            if rank == 0:
+                result.save(f"{folder}/{mode}.safetensors")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_equal_one_process_over_the_same_batches(tmp_path):
+    # ema: the ranks' per-sample moments are gathered and folded as one batch in rank order, so the
+    # result equals one process seeing each step's samples of rank 0 then rank 1; exact: sums reduced.
+    mp.spawn(_two_rank_pass, args=(str(tmp_path),), nprocs=2)
+    in_rank_order = [(torch.cat([images[0::2], images[1::2]]), torch.cat([labels[0::2], labels[1::2]]))
+                     for images, labels in batches()]
+    for mode in ("ema", "exact"):
+        single = collect_class_bn_stats(tiny_teacher(), in_rank_order, NUM_CLASSES, mode=mode)
+        ranks = ClassBNStats.load(tmp_path / f"{mode}.safetensors")
+        assert ranks.meta["world_size"] == 2 and ranks.meta["images"] == 18
+        for name, layer in single.layers.items():
+            torch.testing.assert_close(ranks.layers[name].mean, layer.mean, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(ranks.layers[name].var, layer.var, atol=1e-6, rtol=1e-5)
+            assert torch.equal(ranks.layers[name].count, layer.count)
 
 
 def test_bad_mode_and_out_of_range_labels_are_user_errors():
