@@ -199,7 +199,7 @@ class Synthesizer:
     def _views(self, images: torch.Tensor, generators, sizes) -> torch.Tensor:
         """This iteration's augmented copy: per job one crop box, one flip and one roll, drawn in that
         order from the job's own stream and shared by its images (SPEC.md section 3)."""
-        channels, height, width = self.shape
+        _, height, width = self.shape
         low, high = self.cfg.jitter
         views = []
         for generator, part in zip(generators, images.split(sizes)):
@@ -392,9 +392,10 @@ def recover(recipe: Recipe, workdir: WorkDir, device=None, options: Options = Op
     if distributed.is_main():
         manifest = progress.write_manifest(fields, jobs)
         elapsed = time.perf_counter() - start
-        print(f"recover: {len(manifest['completed'])}/{len(jobs)} {cfg.batching} jobs done "
-              f"({len(mine) * world} this run, ~{images_done * world} images x {cfg.iterations} iterations "
-              f"in {elapsed:.1f} s, {images_done * world / max(elapsed, 1e-9):.2f} images/s) -> {root}")
+        fresh = sum(entry["images"] for key, entry in manifest["completed"].items() if key not in done)
+        print(f"recover: {len(manifest['completed'])}/{len(jobs)} {cfg.batching} jobs complete; this run "
+              f"{fresh} images x {cfg.iterations} iterations in {elapsed:.1f} s ({fresh / max(elapsed, 1e-9):.2f} "
+              f"images/s, {fresh * cfg.iterations / max(elapsed, 1e-9):.0f} image-iterations/s) -> {root}")
     return root
 
 
