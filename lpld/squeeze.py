@@ -1,8 +1,8 @@
 """``lpld squeeze``: the teacher, trained from scratch or imported from a local weights file.
 
 SPEC.md section 0, step 1. Training is plain SGD + cosine (stepped per iteration, so a two-epoch
-demo still anneals) with the recipe's augmentation; a checkpoint after every epoch lets an
-interrupted run continue. The result is ``WorkDir.teacher`` with its real top-1 in the metadata.
+demo still anneals) with the recipe's augmentation, bf16 autocast on GPUs; a checkpoint after
+every epoch lets an interrupted run continue. The result is ``WorkDir.teacher`` with its real top-1 in the metadata.
 """
 from __future__ import annotations
 
@@ -84,7 +84,8 @@ def _train(model: torch.nn.Module, recipe: Recipe, workdir: WorkDir, device: tor
         seen, tick = 0, time.time()
         for images, labels in progress:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            loss = F.cross_entropy(network(images), labels)
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                loss = F.cross_entropy(network(images), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
