@@ -10,7 +10,7 @@ from lpld.models import bn_layers, build_model, model_fingerprint, save_teacher
 from lpld.recipes import get_recipe
 from lpld.stats import ClassBNStats, batches_done, collect_class_bn_stats, stats as stats_command
 from lpld.workdir import WorkDir
-from test_data import write_fmnist
+from test_data import one_thread, write_fmnist  # noqa: F401 (autouse fixture)
 
 NUM_CLASSES = 4
 # Three batches; class 2 is missing from the second batch and class 3 never appears.
@@ -103,6 +103,7 @@ def test_a_pass_continued_from_its_checkpoint_equals_one_pass(tmp_path, mode):
 
 def _two_rank_pass(rank, folder):
     """Rank r folds the r-th half of every batch of ``batches()`` (uneven sizes); rank 0 saves."""
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
     try:
         halves = [(images[rank::2], labels[rank::2]) for images, labels in batches()]
