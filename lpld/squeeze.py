@@ -20,7 +20,7 @@ from . import distributed
 from .data import load_real, train_transform
 from .errors import UserError
 from .evaluate import evaluate
-from .models import apply_weights, build_model, load_weights_file, save_teacher
+from .models import apply_weights, build_model, load_weights_file, read_teacher_meta, save_teacher
 from .recipes import Recipe, add_recipe_arguments, recipe_from_args
 from .workdir import WorkDir
 
@@ -33,8 +33,6 @@ def squeeze(recipe: Recipe, workdir: WorkDir, device: torch.device | str, weight
     device = torch.device(device)
     weights = weights or recipe.model.weights
     if workdir.teacher.is_file():
-        from .models import read_teacher_meta
-
         meta = read_teacher_meta(workdir.teacher)
         if distributed.is_main():
             print(f"squeeze: {workdir.teacher} exists (val top-1 {meta.get('val_top1', float('nan')):.2f}%); "
