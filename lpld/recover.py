@@ -308,7 +308,7 @@ class Progress:
 
     def record(self, rank: int, job: Job, seconds: float) -> None:
         with open(self.root / f"progress-rank{rank}.jsonl", "a") as handle:
-            handle.write(json.dumps({"job": job.key, "images": len(job), "seconds": round(seconds, 3)}) + "\n")
+            handle.write(json.dumps({"job": job.key, "images": len(job), "rank": rank, "seconds": round(seconds, 3)}) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
 

@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
@@ -184,6 +186,34 @@ def test_recover_writes_an_imagefolder_and_resumes(workdir, monkeypatch):
     # Other settings on the same tree are refused rather than mixed in.
     with pytest.raises(UserError, match="other settings"):
         recover.recover(_recipe("recover.lr=0.3"), workdir, "cpu", show_progress=False)
+
+
+def _recover_as_rank(rank, root):
+    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=2)
+    try:
+        recover.recover(_recipe("recover.image_format=png"), WorkDir(root / "run"), "cpu", show_progress=False)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_share_the_classes_and_equal_one_process(workdir, tmp_path):
+    """torchrun: each rank takes every other unfinished class, no communication but barriers, and
+    rank 0 folds both ranks' records into one manifest; the images equal a one-process run."""
+    single = WorkDir(tmp_path / "single")
+    single.root.mkdir()
+    for name in ("teacher.safetensors", "class_bn_stats.safetensors"):
+        (single.root / name).write_bytes((workdir.root / name).read_bytes())
+    recover.recover(_recipe("recover.image_format=png"), single, "cpu", show_progress=False)
+    mp.spawn(_recover_as_rank, args=(tmp_path,), nprocs=2)
+    two = data.load_distilled(workdir.distilled, 1)
+    one = data.load_distilled(single.distilled, 1)
+    assert two.files == one.files and len(two.files) == 12
+    assert (two.images.int() - one.images.int()).abs().max() <= 1  # float sums batched differently, then truncated
+    manifest = json.loads((workdir.distilled / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["world_size"] == 2
+    assert {key: entry["rank"] for key, entry in manifest["completed"].items()} == {
+        "c00000": 0, "c00001": 1, "c00002": 0, "c00003": 1}
+    assert not list(workdir.distilled.glob("progress-rank*.jsonl"))
 
 
 def test_refuses_statistics_of_another_teacher(workdir):
