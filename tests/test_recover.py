@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+import torchvision
 from torchvision.transforms.v2 import functional as TF
 
 from lpld import data, models, recover
@@ -170,6 +171,7 @@ def test_recover_writes_an_imagefolder_and_resumes(workdir, monkeypatch):
     assert images.classes == ["c00000", "c00001", "c00002", "c00003"]
     assert images.files[:2] == ["c00000/c00000_i0000.jpg", "c00000/c00000_i0001.jpg"]
     assert images.images.shape == (12, 1, 16, 16) and images.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert torchvision.io.decode_image(str(root / images.files[0])).shape == (1, 16, 16)  # grayscale JPEG
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["complete"] and sorted(manifest["completed"]) == images.classes
     assert manifest["batching"] == "class-wise" and manifest["seeds"]["recover"] == 0
