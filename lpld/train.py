@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -141,6 +142,18 @@ def _check_store_fits(store, distilled, recipe: Recipe) -> None:
                         f"{list(recipe.data.std)}; use the recipe the labels were made with")
 
 
+def _identity(recipe: Recipe, store, world: int) -> dict:
+    """What a checkpoint must share with the run resuming it: the student's recipe, labels and world size.
+
+    Other stages' settings reach the student only through the labels, whose fingerprint is here.
+    """
+    data = {key: value for key, value in dataclasses.asdict(recipe.data).items() if key != "root"}
+    return {"train": json.dumps(dataclasses.asdict(recipe.train), sort_keys=True),
+            "student": json.dumps({"data": data, "stem": recipe.model.stem, "arch": recipe.train.arch or recipe.model.arch},
+                                  sort_keys=True),
+            "labels": store.fingerprint, "world_size": world}
+
+
 def _atomic_save(obj, path: Path) -> None:
     partial = path.with_name(path.name + ".partial")
     torch.save(obj, partial)
@@ -202,7 +215,7 @@ def train(recipe: Recipe, workdir: WorkDir, labels_path: str | Path, name: str, 
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
     sampler = replay.PlanSampler(training_plan(store, config.seed), rank=rank, world_size=world)
-    identity = {"recipe": recipe.to_json(), "labels": store.fingerprint, "world_size": world}
+    identity = _identity(recipe, store, world)
     first_epoch = 0
     if resume and (out / CHECKPOINT).exists():
         first_epoch = _restore(out / CHECKPOINT, model, optimizer, scheduler, sampler, identity)

@@ -154,7 +154,7 @@ def test_resume_continues_exactly(tmp_path):
     assert part["finished"] is False
     with pytest.raises(UserError, match="--resume"):
         training.train(recipe, workdir, store, "split", "cpu")
-    with pytest.raises(UserError, match="other recipe"):
+    with pytest.raises(UserError, match="other train"):
         training.train(recipe.with_overrides(["train.lr=0.5"]), workdir, store, "split", "cpu", resume=True)
     resumed = training.train(recipe, workdir, store, "split", "cpu", resume=True)
     for key, value in weights(workdir, "whole").items():
