@@ -152,9 +152,8 @@ def crop_resize_flip(images: torch.Tensor, boxes, flips, size: int) -> torch.Ten
     for i, (top, left, h, w) in enumerate(np.asarray(boxes).tolist()):
         patch = images[i : i + 1, :, top : top + h, left : left + w]
         out[i : i + 1] = F.interpolate(patch, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
-    flip = torch.as_tensor(np.asarray(flips), device=images.device)
-    out[flip] = out[flip].flip(-1)
-    return out
+    flip = torch.as_tensor(np.asarray(flips), device=images.device).view(-1, 1, 1, 1)
+    return torch.where(flip, out.flip(-1), out)  # no boolean indexing: no host sync on a GPU
 
 
 def cutout(images: torch.Tensor, record: Cutout) -> torch.Tensor:
