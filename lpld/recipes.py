@@ -154,6 +154,13 @@ class Recipe:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
+    def settings(self, *stages: str) -> dict:
+        """The named sections without the data root: what an artifact records as the settings it was
+        made with, so that changing a later stage (or moving the dataset) does not invalidate it."""
+        chosen = {stage: dataclasses.asdict(getattr(self, stage)) for stage in stages}
+        chosen.get("data", {}).pop("root", None)
+        return {"name": self.name, **chosen}
+
     def with_overrides(self, assignments: list[str]) -> "Recipe":
         """Apply ``stage.field=value`` strings, parsing each value by the field's type."""
         recipe = self
@@ -247,9 +254,11 @@ RECIPES: dict[str, Recipe] = {
         recover=RecoverConfig(
             ipc=10, iterations=500, lr=0.1, r_bn=0.05, jitter=(-2, 2), crop_scale=(0.5, 1.0),
         ),
-        relabel=RelabelConfig(epochs=100, batch_size=25, mix="cutmix", flip="flip"),
+        relabel=RelabelConfig(epochs=300, batch_size=25, mix="cutmix", flip="flip"),
         prune=PruneConfig(ratio=0.975),
-        train=TrainConfig(epochs=100, optimizer="adamw", lr=2e-3, weight_decay=0.01, temperature=20.0, workers=0),
+        # No torch.compile on the CPU demo: ~30 s cold per student and no speed-up on 2 cores (ENV.md).
+        train=TrainConfig(epochs=300, optimizer="adamw", lr=2e-3, weight_decay=0.01, temperature=20.0,
+                          val_interval=50, compile=False, workers=0),
     ),
 }
 

@@ -84,7 +84,7 @@ def label_header(recipe: Recipe, images: torch.Tensor, dataset_fingerprint: str,
         "crop_scale": list(config.crop_scale), "flip": config.flip, "mix": config.mix,
         "seeds": {"relabel": config.seed}, "logits_dtype": "float16", "topk": topk, "prune": [],
         "dataset_fingerprint": dataset_fingerprint, "teacher_fingerprint": teacher_fingerprint,
-        "recipe": recipe.to_dict(),
+        "recipe": recipe.settings("data", "model", "relabel"),
     }
 
 

@@ -7,6 +7,7 @@ every epoch lets an interrupted run continue. The result is ``WorkDir.teacher`` 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -96,10 +97,15 @@ def _train(model: torch.nn.Module, recipe: Recipe, workdir: WorkDir, device: tor
     model.eval()
 
 
+def _settings(recipe: Recipe) -> str:
+    """What a teacher checkpoint must share with the run resuming it."""
+    return json.dumps(recipe.settings("data", "model", "squeeze"), sort_keys=True)
+
+
 def _save_checkpoint(path: Path, recipe: Recipe, model, optimizer, schedule, epochs_done: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    torch.save({"recipe": recipe.to_json(), "epoch": epochs_done, "model": model.state_dict(),
+    torch.save({"recipe": _settings(recipe), "epoch": epochs_done, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, partial)
     partial.replace(path)
 
@@ -109,7 +115,7 @@ def _resume(path: Path, recipe: Recipe, model, optimizer, schedule) -> int:
     if not path.is_file():
         return 0
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("recipe") != recipe.to_json():
+    if state.get("recipe") != _settings(recipe):
         raise UserError(f"{path} was written with other recipe settings; delete it to start the teacher afresh")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])

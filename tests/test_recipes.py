@@ -39,3 +39,12 @@ def test_bad_overrides_are_user_errors(bad):
 def test_unknown_recipe_names_the_choices():
     with pytest.raises(UserError, match="fmnist"):
         get_recipe("cifar1000")
+
+
+def test_settings_hold_only_the_named_stages_and_not_the_data_root():
+    base = get_recipe("fmnist")
+    moved = get_recipe("fmnist", ["train.epochs=3", "prune.ratio=0.9"]).with_overrides([])
+    assert base.settings("data", "model", "relabel") == moved.settings("data", "model", "relabel")
+    assert "root" not in base.settings("data")["data"]
+    changed = get_recipe("fmnist", ["relabel.epochs=5"])
+    assert changed.settings("relabel") != base.settings("relabel")
