@@ -9,6 +9,8 @@ import json
 import os
 import platform
 import re
+import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,6 +45,12 @@ def machine_slug() -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+def command_line() -> str:
+    """How these numbers were made: the pytest invocation, with the thread settings that shape them."""
+    env = " ".join(f"{key}={os.environ[key]}" for key in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES") if key in os.environ)
+    return " ".join(part for part in (env, "python -m pytest", shlex.join(sys.argv[1:])) if part)
+
+
 def write_results(name: str, results, notes: str = "") -> Path:
     """Write ``results`` (any JSON-able value) with machine info and a UTC time stamp; returns the path."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -50,6 +58,7 @@ def write_results(name: str, results, notes: str = "") -> Path:
     document = {
         "benchmark": name,
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command_line(),
         "machine": machine_info(),
         "notes": notes,
         "results": results,

@@ -235,7 +235,7 @@ def train(recipe: Recipe, workdir: WorkDir, labels_path: str | Path, name: str, 
 
     last_epoch = config.epochs if stop_after is None else min(config.epochs, first_epoch + stop_after)
     record_images = store.meta["batch_size"] * world  # images per optimizer step, all ranks together
-    images_seen, train_seconds, metrics = 0, 0.0, {}
+    images_seen, train_seconds, metrics, shown_top1 = 0, 0.0, {}, "-"  # top-1 of the latest evaluation
     bar = tqdm(total=(last_epoch - first_epoch) * len(sampler) * record_images, unit="img",
                desc=f"train {name}", disable=not distributed.is_main())
     for epoch in range(first_epoch, last_epoch):
@@ -251,7 +251,8 @@ def train(recipe: Recipe, workdir: WorkDir, labels_path: str | Path, name: str, 
                    "seconds": seconds}
         if (epoch + 1) % config.val_interval == 0 or epoch + 1 == config.epochs:
             metrics.update(evaluate.evaluate(model, recipe.data, device, EVAL_BATCH, config.workers, val_set))
-        bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", top1=f"{metrics.get('top1', float('nan')):.2f}")
+            shown_top1 = f"{metrics['top1']:.2f}"
+        bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", top1=shown_top1)
         if distributed.is_main():
             _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(), "epoch": epoch + 1,
