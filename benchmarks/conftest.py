@@ -33,6 +33,7 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg()[0],  # 1-minute load when written: a busy machine skews the timings
         "cuda": torch.version.cuda if cuda else None,
         "device": torch.cuda.get_device_name() if cuda else None,
     }

@@ -116,8 +116,8 @@ def kernels_results(write_benchmark_results):
             row["speedup_vs_eager"] = eager[row["case"]] / row["seconds"]
     notes = (
         f"median of {ROUNDS} rounds after 1 warm-up (compile time excluded); float32 NCHW BN inputs; "
-        + ("" if CUDA else "CPU run on 2 cores shared with other jobs, so one torch thread: with two, "
-           "every op waited on the busy sibling core (128x1000 log_softmax 20 ms instead of 0.4 ms); "
+        + ("" if CUDA else "CPU: one torch thread, because with two every op waits on the sibling core "
+           "whenever the 2-core machine runs anything else (128x1000 log_softmax 20 ms instead of 0.4 ms); "
            "triton rows skipped, the interpreter is not a performance path; the GPU targets need a GPU run")
     )
     write_benchmark_results("kernels", ROWS, notes)

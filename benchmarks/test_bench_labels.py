@@ -8,7 +8,6 @@ Dataset. Shapes: the fmnist demo (N=100, B=25, K=10) and an ImageNet-1K IPC10 sl
 """
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
@@ -30,10 +29,9 @@ SHAPES = {  # name: (N, B, K, E, records written)
 
 @pytest.fixture(scope="module", autouse=True)
 def labels_results(write_benchmark_results):
-    load = os.getloadavg()[0]
     yield
-    notes = (f"best of 3 wall-clock runs per timing; CPU, 2 shared cores, 1-min load average {load:.1f} at the start "
-             "(other jobs running), so absolute numbers are noisy; in1k-ipc10-slice writes 40 records and extrapolates bytes to E=300 (23,400 records)")
+    notes = ("best of 3 wall-clock runs per timing (machine.load_average says how busy the machine was); "
+             "in1k-ipc10-slice writes 40 records and extrapolates bytes to E=300 (23,400 records)")
     write_benchmark_results("labels", RESULTS, notes)
 
 

@@ -22,9 +22,9 @@ RESULTS: dict = {}
 def recover_results(write_benchmark_results):
     yield
     notes = ("image-iterations/sec = images x iterations / wall seconds of Synthesizer.run over the same "
-             "classes (best of 3 after one warm-up run, so compile time is reported apart). CPU numbers: 2 cores "
-             "shared with other jobs, run with OMP_NUM_THREADS=1 (with 2 threads on the loaded machine small ops "
-             "such as index_add spin in OpenMP barriers and both paths were 3-7x slower), so they are noisy")
+             "classes (best of 3 after one warm-up run, so compile time is reported apart). On a busy 2-core "
+             "machine set OMP_NUM_THREADS=1: with 2 threads small ops such as index_add spin in OpenMP "
+             "barriers and both paths ran 3-7x slower")
     write_benchmark_results("recover", RESULTS, notes)
 
 

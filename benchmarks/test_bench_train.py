@@ -78,8 +78,8 @@ def setup(tmp_path_factory, write_benchmark_results):
         row["ratio_vs_resident"] = row["images_per_sec"] / ceiling
     notes = (f"{SHAPE}; one epoch = {SHAPE['images'] // SHAPE['batch']} records per round, median of "
              f"{SHAPE['rounds']} rounds after one warm-up epoch. GPU target: dali >= 0.9x resident. "
-             + ("" if CUDA else "CPU run on 2 cores shared with other jobs: one torch thread for the step "
-                "(with two, ops waited on the busy sibling core), loaders with 1 worker / 1 DALI thread."))
+             + ("" if CUDA else "CPU: one torch thread for the step (with two, ops wait on the sibling "
+                "core whenever the machine runs anything else), loaders with 1 worker / 1 DALI thread."))
     write_benchmark_results("train", ROWS, notes)
     torch.set_num_threads(threads)
 
