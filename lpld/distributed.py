@@ -15,10 +15,10 @@ def init() -> tuple[int, int]:
     """Join the process group when launched by torchrun; return (rank, world_size)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        # gloo serves CPU tensors (--device cpu, CPU-side reductions) even when CUDA is present.
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     return rank(), world_size()
 
 
@@ -46,10 +46,18 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BN running statistics drift apart under DDP after the last
+    step), so that a sharded evaluation scores one model: the one rank 0 saves."""
+    if dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def device(requested: str | None = None) -> torch.device:
     """The device this process computes on: ``requested``, else this rank's GPU, else the CPU."""
-    if requested:
+    if requested and requested != "cuda":
         return torch.device(requested)
-    if torch.cuda.is_available():
+    if requested == "cuda" or torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -150,9 +149,6 @@ class Recipe:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
 
     def settings(self, *stages: str) -> dict:
         """The named sections without the data root: what an artifact records as the settings it was

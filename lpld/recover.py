@@ -104,6 +104,11 @@ def check_recipe(recipe: Recipe) -> None:
                                ("image_format", cfg.image_format, tuple(IMAGE_FORMATS))):
         if value not in known:
             raise UserError(f"unknown recover.{name} {value!r}; choose one of: {', '.join(known)}")
+    low, high = cfg.jitter
+    if low > high:
+        raise UserError(f"recover.jitter={cfg.jitter}: the roll range needs low <= high, e.g. --set recover.jitter=-4,4")
+    if not 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1:
+        raise UserError(f"recover.crop_scale={cfg.crop_scale}: needs 0 < low <= high <= 1, e.g. --set recover.crop_scale=0.08,1")
     if cfg.classes_per_step < 0:
         raise UserError(f"recover.classes_per_step is {cfg.classes_per_step}: use 0 (auto) or a positive count")
 
@@ -206,8 +211,10 @@ class Synthesizer:
             box = sample_crop_boxes(generator, 1, height, width, scale=self.cfg.crop_scale, ratio=CROP_RATIO)
             flip = sample_flips(generator, 1)
             shift = torch.randint(low, high + 1, (2,), generator=generator).tolist()
-            # the group's images stacked as the channels of one image share the box and flip
-            view = crop_resize_flip(part.reshape(1, -1, height, width), box, flip, height).view_as(part)
+            # the group's images stacked as the channels of one image share the box; the flip is a
+            # host-side bool here, so no flip mask travels to the device (no sync per job and step)
+            view = crop_resize_flip(part.reshape(1, -1, height, width), box, [False], height).view_as(part)
+            view = view.flip(-1) if flip[0] else view
             views.append(torch.roll(view, shifts=shift, dims=(2, 3)))
         return torch.cat(views)
 

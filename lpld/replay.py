@@ -50,14 +50,19 @@ class PlanSampler(Sampler[int]):
         self.epoch = epoch
         self.rank = rank
         self.world_size = world_size
+        self._cached: tuple[int | None, list[int]] = (None, [])
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def records(self, epoch: int) -> list[int]:
-        ids = [int(g) for g in self._plan(epoch)]
-        steps = len(ids) // self.world_size
-        return ids[self.rank :: self.world_size][:steps]
+        """This rank's ids of ``epoch``; the last epoch's list is kept (the plan is pure, and DALI
+        asks once per batch)."""
+        if self._cached[0] != epoch:
+            ids = [int(g) for g in self._plan(epoch)]
+            steps = len(ids) // self.world_size
+            self._cached = (epoch, ids[self.rank :: self.world_size][:steps])
+        return self._cached[1]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.records(self.epoch))
@@ -91,7 +96,7 @@ class RecordDataset(Dataset):
     def __getitem__(self, g: int) -> ReplayBatch:
         record = self.store.record(int(g))
         images = augment.replay(self.images, record, self.size, self.mean, self.std)
-        return ReplayBatch(images, torch.from_numpy(np.array(record.logits, dtype=np.float16)), int(g))
+        return ReplayBatch(images, torch.from_numpy(record.logits), int(g))
 
 
 def torch_loader(dataset: RecordDataset, sampler: PlanSampler, workers: int, pin_memory: bool = False) -> DataLoader:

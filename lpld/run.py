@@ -9,6 +9,7 @@ throughput and wall time (also written to ``WorkDir.summary``).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ def _recover_complete(workdir: WorkDir) -> bool:
     return manifest.is_file() and bool(json.loads(manifest.read_text()).get("complete"))
 
 
+@functools.cache
 def _train_images(recipe: Recipe) -> int:
     from .data import load_real
 

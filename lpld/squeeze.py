@@ -81,7 +81,7 @@ def _train(model: torch.nn.Module, recipe: Recipe, workdir: WorkDir, device: tor
         sampler.set_epoch(epoch)
         progress = tqdm(loader, desc=f"squeeze epoch {epoch + 1}/{cfg.epochs}", disable=not distributed.is_main())
         seen, tick = 0, time.time()
-        for images, labels in progress:
+        for step, (images, labels) in enumerate(progress):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                 loss = F.cross_entropy(network(images), labels)
@@ -90,7 +90,8 @@ def _train(model: torch.nn.Module, recipe: Recipe, workdir: WorkDir, device: tor
             optimizer.step()
             schedule.step()
             seen += len(labels) * distributed.world_size()
-            progress.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.time() - tick):.0f}")
+            if step % 50 == 0:  # reading the loss waits for the device: not on every step
+                progress.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.time() - tick):.0f}")
         if distributed.is_main():
             _save_checkpoint(workdir.root / CHECKPOINT, recipe, model, optimizer, schedule, epoch + 1)
         distributed.barrier()

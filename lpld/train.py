@@ -148,7 +148,9 @@ def _identity(recipe: Recipe, store, world: int) -> dict:
     Other stages' settings reach the student only through the labels, whose fingerprint is here.
     """
     data = {key: value for key, value in dataclasses.asdict(recipe.data).items() if key != "root"}
-    return {"train": json.dumps(dataclasses.asdict(recipe.train), sort_keys=True),
+    results_settings = {key: value for key, value in dataclasses.asdict(recipe.train).items()
+                        if key not in ("workers", "loader", "compile", "val_interval")}
+    return {"train": json.dumps(results_settings, sort_keys=True),
             "student": json.dumps({"data": data, "stem": recipe.model.stem, "arch": recipe.train.arch or recipe.model.arch},
                                   sort_keys=True),
             "labels": store.fingerprint, "world_size": world}
@@ -162,7 +164,13 @@ def _atomic_save(obj, path: Path) -> None:
 
 def _restore(path: Path, model, optimizer, scheduler, sampler, identity: dict) -> int:
     """Load a checkpoint written by this recipe on these labels; returns the next epoch to run."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, foreign or not a checkpoint at all
+        raise UserError(f"{path} is not a readable lpld checkpoint ({type(error).__name__}); "
+                        "delete that student folder or train under another --name") from None
+    if not isinstance(state, dict) or "identity" not in state:
+        raise UserError(f"{path} is not an lpld student checkpoint; delete it or train under another --name")
     if state["identity"] != identity:
         changed = sorted(k for k in identity if state["identity"].get(k) != identity[k])
         raise UserError(f"{path} belongs to a run with other {', '.join(changed)}; "
@@ -197,6 +205,8 @@ def train(recipe: Recipe, workdir: WorkDir, labels_path: str | Path, name: str, 
     rank, world = distributed.init()
     device = distributed.device(device)
     config = recipe.train
+    if config.val_interval < 1:
+        raise UserError(f"train.val_interval={config.val_interval}: evaluate every N >= 1 epochs (the last epoch always is)")
     out = workdir.student(name)
     if resume and (out / SUMMARY).is_file():
         return json.loads((out / SUMMARY).read_text())
@@ -233,6 +243,10 @@ def train(recipe: Recipe, workdir: WorkDir, labels_path: str | Path, name: str, 
                                  store.meta["mean"], store.meta["std"], device, config.workers)
     val_set = evaluate.validation_set(recipe.data)
 
+    def validate() -> dict:
+        distributed.broadcast_buffers(model)  # every rank's shard scored with rank 0's model
+        return evaluate.evaluate(model, recipe.data, device, EVAL_BATCH, config.workers, val_set)
+
     last_epoch = config.epochs if stop_after is None else min(config.epochs, first_epoch + stop_after)
     record_images = store.meta["batch_size"] * world  # images per optimizer step, all ranks together
     images_seen, train_seconds, metrics, shown_top1 = 0, 0.0, {}, "-"  # top-1 of the latest evaluation
@@ -250,7 +264,7 @@ def train(recipe: Recipe, workdir: WorkDir, labels_path: str | Path, name: str, 
         metrics = {"epoch": epoch, "loss": loss, "lr": lr, "images_per_sec": steps * record_images / seconds,
                    "seconds": seconds}
         if (epoch + 1) % config.val_interval == 0 or epoch + 1 == config.epochs:
-            metrics.update(evaluate.evaluate(model, recipe.data, device, EVAL_BATCH, config.workers, val_set))
+            metrics.update(validate())
             shown_top1 = f"{metrics['top1']:.2f}"
         bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", top1=shown_top1)
         if distributed.is_main():
@@ -266,7 +280,7 @@ def train(recipe: Recipe, workdir: WorkDir, labels_path: str | Path, name: str, 
     if last_epoch < config.epochs:
         return {"name": name, "epochs_done": last_epoch, "finished": False}
     if "top1" not in metrics:  # resumed after the last checkpoint: nothing ran, evaluate now
-        metrics = evaluate.evaluate(model, recipe.data, device, EVAL_BATCH, config.workers, val_set)
+        metrics = validate()
     return _finish(recipe, workdir, out, model, store, arch, name, metrics, images_seen, train_seconds, wall_start)
 
 
