@@ -156,7 +156,8 @@ def test_resume_continues_exactly(tmp_path):
         training.train(recipe, workdir, store, "split", "cpu")
     with pytest.raises(UserError, match="other train"):
         training.train(recipe.with_overrides(["train.lr=0.5"]), workdir, store, "split", "cpu", resume=True)
-    resumed = training.train(recipe, workdir, store, "split", "cpu", resume=True)
+    # a setting that cannot change the result (data-loader workers) does not block the resume
+    resumed = training.train(recipe.with_overrides(["train.workers=1"]), workdir, store, "split", "cpu", resume=True)
     for key, value in weights(workdir, "whole").items():
         assert torch.equal(value, weights(workdir, "split")[key]), key
     assert resumed["top1"] == whole["top1"] and resumed["top5"] == whole["top5"]
@@ -166,6 +167,12 @@ def test_resume_continues_exactly(tmp_path):
     assert summary["records"] == 2 * 3 and summary["compression_factor"] == 1.0 and 0 <= summary["top1"] <= 100
     assert (workdir.student("whole") / "student.safetensors").is_file()
     assert training.train(recipe, workdir, store, "whole", "cpu", resume=True) == whole  # finished: nothing to do
+    training.train(recipe, workdir, store, "broken", "cpu", stop_after=1)
+    (workdir.student("broken") / training.CHECKPOINT).write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a readable lpld checkpoint"):
+        training.train(recipe, workdir, store, "broken", "cpu", resume=True)
+    with pytest.raises(UserError, match="val_interval"):
+        training.train(recipe.with_overrides(["train.val_interval=0"]), workdir, store, "zero", "cpu")
 
 
 def test_dali_replay_trains_like_torch_replay(tmp_path):
