@@ -30,10 +30,12 @@ class Diversity:
         return {"mean_cosine": self.mean, "per_class": self.per_class}
 
 
-def penultimate_features(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+def penultimate_features(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256,
+                         prepare=lambda batch: batch) -> torch.Tensor:
     """The input of the model's last ``nn.Linear`` (the classifier) for each image, flattened.
 
-    A forward hook keeps this independent of the architecture.
+    A forward hook keeps this independent of the architecture. ``prepare`` turns one batch of
+    ``images`` into the model's input, so a large uint8 set is never converted to float at once.
     """
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     if not linears:
@@ -44,7 +46,7 @@ def penultimate_features(model: torch.nn.Module, images: torch.Tensor, batch_siz
     try:
         with torch.no_grad():
             for batch in images.split(batch_size):
-                model(batch.to(device))
+                model(prepare(batch.to(device)))
     finally:
         handle.remove()
     return torch.cat(kept).cpu()
@@ -68,8 +70,8 @@ def teacher_inputs(images: torch.Tensor, recipe: Recipe) -> torch.Tensor:
     pixels = images.float() / 255
     if pixels.shape[-2:] != (recipe.data.resolution,) * 2:
         pixels = F.interpolate(pixels, size=recipe.data.resolution, mode="bilinear", antialias=True)
-    mean = torch.tensor(recipe.data.mean).view(1, -1, 1, 1)
-    std = torch.tensor(recipe.data.std).view(1, -1, 1, 1)
+    mean = torch.tensor(recipe.data.mean, device=pixels.device).view(1, -1, 1, 1)
+    std = torch.tensor(recipe.data.std, device=pixels.device).view(1, -1, 1, 1)
     return (pixels - mean) / std
 
 
@@ -77,7 +79,7 @@ def diversity(path: str | Path, recipe: Recipe, teacher_path: str | Path, device
     """Within-class feature similarity of the ImageFolder at ``path`` under the given teacher."""
     images = data.load_distilled(path, recipe.data.channels)
     teacher = models.load_teacher(teacher_path, recipe, device)
-    features = penultimate_features(teacher, teacher_inputs(images.images, recipe))
+    features = penultimate_features(teacher, images.images, prepare=lambda batch: teacher_inputs(batch, recipe))
     per_label = within_class_cosine(features, images.labels)
     if not per_label:
         raise UserError(f"{path}: no class has two images, so no within-class similarity exists")

@@ -270,7 +270,10 @@ def train_transform(data, scale: tuple[float, float] = (0.08, 1.0), kind: str = 
 
 
 def eval_transform(data) -> v2.Compose:
-    """Evaluation view: Resize(eval_resize) + CenterCrop(eval_crop) when set (ImageNet), else the resolution."""
+    """Evaluation view: Resize(eval_resize) + CenterCrop(eval_crop) when set (ImageNet), else the
+    resolution; ``eval_squash`` resizes both sides to the resolution without a crop (ImageNet-21K-P)."""
+    if data.eval_squash:
+        return v2.Compose([v2.Resize((data.resolution, data.resolution), antialias=True), *_to_normalized_float(data)])
     resize = data.eval_resize or data.resolution
     crop = data.eval_crop or data.resolution
     return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(crop), *_to_normalized_float(data)])

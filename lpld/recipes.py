@@ -36,6 +36,7 @@ class DataConfig:
     root: str | None = None  # None: the user must pass --data
     eval_resize: int | None = None  # ImageNet: Resize(256) then CenterCrop(eval_crop)
     eval_crop: int | None = None
+    eval_squash: bool = False  # ImageNet-21K-P: Resize((resolution, resolution)), no crop
 
 
 @dataclass(frozen=True)
@@ -230,7 +231,7 @@ RECIPES: dict[str, Recipe] = {
         name="imagenet21k",
         data=DataConfig(
             "imagefolder", num_classes=10450, resolution=224, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
-            eval_resize=224, eval_crop=224,
+            eval_squash=True,
         ),
         model=ModelConfig(arch="resnet18", stem="standard"),
         recover=RecoverConfig(ipc=10, iterations=2000, lr=0.05, r_bn=0.25, jitter=(0, 32), pixel_space="unit"),

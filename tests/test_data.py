@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.v2.functional as TF
 from torchvision.io import write_jpeg, write_png
 
 from lpld.data import eval_transform, load_distilled, load_real, read_idx, train_transform
@@ -203,3 +204,20 @@ def test_distilled_folder_order_and_pixels(tmp_path):
         load_distilled(tmp_path, channels=1)
     with pytest.raises(UserError, match="lpld recover"):
         load_distilled(tmp_path / "missing", channels=1)
+
+
+def test_eval_views_follow_the_recipe():
+    """ImageNet: shorter side 256 then a 224 center crop; ImageNet-21K-P: squash to 224 x 224 (no crop)."""
+    from lpld.recipes import RECIPES
+
+    image = torch.arange(3 * 300 * 400, dtype=torch.int64).remainder(256).to(torch.uint8).view(3, 300, 400)
+    in1k = eval_transform(RECIPES["imagenet1k"].data)(image)
+    assert in1k.shape == (3, 224, 224)
+    resized = TF.resize(image, 256, antialias=True)
+    expected = TF.center_crop(resized, [224, 224]).float() / 255
+    mean = torch.tensor(RECIPES["imagenet1k"].data.mean).view(3, 1, 1)
+    std = torch.tensor(RECIPES["imagenet1k"].data.std).view(3, 1, 1)
+    torch.testing.assert_close(in1k, (expected - mean) / std)
+    squashed = eval_transform(RECIPES["imagenet21k"].data)(image)
+    direct = TF.resize(image, [224, 224], antialias=True).float() / 255
+    torch.testing.assert_close(squashed, direct)  # mean 0, std 1: [0, 1] pixels
