@@ -18,7 +18,6 @@ torch.compile and bf16 autocast; target: DALI replay >= 0.9x the resident ceilin
 """
 import time
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .augment import Cutout, Record
+from .atomic import write_atomically
 from .errors import UserError
 from .fingerprint import file_sha256
 
@@ -65,10 +65,7 @@ def array_specs(meta: dict) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
 
 
 def _write_json(path: Path, value: dict) -> None:
-    """Write then rename, so a crash never leaves half a JSON file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    write_atomically(path, lambda partial: partial.write_text(json.dumps(value, indent=1, sort_keys=True)))
 
 
 def dense_logits(values: np.ndarray, indices: np.ndarray, num_classes: int) -> np.ndarray:

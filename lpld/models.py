@@ -8,7 +8,6 @@ code and says what network it holds (SPEC.md section 11, items 7 and 10).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import safetensors
@@ -18,6 +17,7 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
+from .atomic import write_atomically
 from .errors import UserError
 from .fingerprint import tensors_sha256
 
@@ -106,11 +106,8 @@ def save_teacher(path: str | Path, model: nn.Module, recipe, **extra_meta) -> di
         **extra_meta,
     }
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    safetensors.torch.save_file(tensors, str(partial), metadata={"lpld": json.dumps(meta, sort_keys=True)})
-    os.replace(partial, path)
+    write_atomically(path, lambda partial: safetensors.torch.save_file(
+        tensors, str(partial), metadata={"lpld": json.dumps(meta, sort_keys=True)}))
     return meta
 
 

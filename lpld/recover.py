@@ -33,6 +33,7 @@ import lpld_kernels
 
 from . import distributed, models
 from .augment import crop_resize_flip, sample_crop_boxes, sample_flips
+from .atomic import write_atomically
 from .errors import UserError
 from .fingerprint import file_sha256
 from .recipes import Recipe, add_recipe_arguments, recipe_from_args
@@ -324,22 +325,21 @@ class Progress:
         completed = self.completed(jobs)
         manifest = {**fields, "identity": self.identity, "completed": dict(sorted(completed.items())),
                     "complete": len(completed) == len(jobs)}
-        temporary = self.manifest_path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(manifest, indent=1))
-        os.replace(temporary, self.manifest_path)
+        write_atomically(self.manifest_path, lambda partial: partial.write_text(json.dumps(manifest, indent=1)))
         for path in self.root.glob("progress-rank*.jsonl"):
             path.unlink()
         return manifest
 
 
-def load_targets(recipe: Recipe, workdir: WorkDir, teacher: torch.nn.Module, device) -> tuple[Targets, str | None]:
+def load_targets(recipe: Recipe, workdir: WorkDir, teacher: torch.nn.Module, teacher_fingerprint: str,
+                 device) -> tuple[Targets, str | None]:
     """Class statistics for class-wise batching (refusing another teacher's), global ones otherwise."""
     first = recipe.recover.first_bn_weight
     layers = models.bn_layers(teacher)
     if recipe.recover.batching == "across-class":
         return Targets.from_running_stats([layer for _, layer in layers], first), None
     stats = ClassBNStats.load(workdir.stats, model=teacher, num_classes=recipe.data.num_classes,
-                              teacher_fingerprint=models.model_fingerprint(teacher))
+                              teacher_fingerprint=teacher_fingerprint)
     return Targets.from_class_stats(stats, [name for name, _ in layers], first, device), file_sha256(workdir.stats)
 
 
@@ -351,12 +351,13 @@ def recover(recipe: Recipe, workdir: WorkDir, device=None, options: Options = Op
     rank, world = distributed.init()
     device = distributed.device(None if device is None else str(device))
     teacher = models.load_teacher(workdir.teacher, recipe, device)
-    targets, stats_fingerprint = load_targets(recipe, workdir, teacher, device)
+    teacher_fingerprint = models.model_fingerprint(teacher)
+    targets, stats_fingerprint = load_targets(recipe, workdir, teacher, teacher_fingerprint, device)
     cfg, root = recipe.recover, workdir.distilled
     identity = {
         "recover": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "classes_per_step"},
         "data": {k: v for k, v in dataclasses.asdict(recipe.data).items() if k != "root"},
-        "teacher_fingerprint": models.model_fingerprint(teacher),
+        "teacher_fingerprint": teacher_fingerprint,
         "statistics_fingerprint": stats_fingerprint,
     }
     fields = {

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from . import distributed
 from .augment import Record, replay, sample_crop_boxes, sample_cutmix, sample_cutout, sample_flips
 from .errors import UserError
-from .labels import GIB, PARTIAL_BATCH_RULE, LabelStore, LabelStoreWriter
+from .labels import GIB, PARTIAL_BATCH_RULE, LabelStore, LabelStoreWriter, storage_report
 from .recipes import Recipe, add_recipe_arguments, recipe_from_args
 from .workdir import WorkDir
 
@@ -101,8 +101,9 @@ def generate(teacher: nn.Module, images: torch.Tensor, out: str | Path, header: 
     writer = LabelStoreWriter(out, header, ids) if rank == 0 else None
     distributed.barrier()
     writer = writer or LabelStoreWriter(out, header, ids)
-    todo = [e for e in range(header["epochs"]) if e not in writer.complete_epochs and len(writer.rows_of_epoch(e))]
-    rows_per_epoch = {e: writer.rows_of_epoch(e)[rank::world] for e in todo}
+    rows_per_epoch = {e: rows[rank::world] for e in range(header["epochs"])
+                      if e not in writer.complete_epochs and len(rows := writer.rows_of_epoch(e))}
+    todo = list(rows_per_epoch)
     teacher.eval()
     bar = tqdm(total=sum(map(len, rows_per_epoch.values())) * header["batch_size"], unit="img",
                desc="relabel", disable=not distributed.is_main())
@@ -155,7 +156,7 @@ def relabel(recipe: Recipe, workdir: WorkDir, device: torch.device | str, only_k
     generate(teacher, distilled.images, out, header, ids, device)
     if distributed.is_main():
         store = LabelStore.open(out, verify_checksums=False)
-        size = sum(f.stat().st_size for f in Path(out).iterdir())
+        size = storage_report(store)["bytes_on_disk"]
         print(f"relabel: {len(store)} records ({len(store) * header['batch_size']} images) -> {out}: "
               f"{size:,d} bytes = {size / GIB:.4f} GiB in {time.perf_counter() - start:.1f} s")
     return Path(out)

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .data import load_real, train_transform
+from .atomic import write_atomically
 from .errors import UserError
 from .evaluate import evaluate
 from .models import apply_weights, build_model, load_weights_file, read_teacher_meta, save_teacher
@@ -104,11 +105,9 @@ def _settings(recipe: Recipe) -> str:
 
 
 def _save_checkpoint(path: Path, recipe: Recipe, model, optimizer, schedule, epochs_done: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save({"recipe": _settings(recipe), "epoch": epochs_done, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, partial)
-    partial.replace(path)
+    state = {"recipe": _settings(recipe), "epoch": epochs_done, "model": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}
+    write_atomically(path, lambda partial: torch.save(state, partial))
 
 
 def _resume(path: Path, recipe: Recipe, model, optimizer, schedule) -> int:

@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .data import load_real, train_transform
+from .atomic import write_atomically
 from .errors import UserError
 from .models import bn_layers, load_teacher, model_fingerprint
 from .recipes import add_recipe_arguments, recipe_from_args
@@ -71,12 +72,8 @@ class ClassBNStats:
             tensors[f"{name}.mean"] = layer.mean.float().contiguous()
             tensors[f"{name}.var"] = layer.var.float().contiguous()
             tensors[f"{name}.count"] = layer.count.long().contiguous()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
         metadata = {"format": STATS_FORMAT, "layers": json.dumps(list(self.layers)), "meta": json.dumps(self.meta)}
-        safetensors.torch.save_file(tensors, str(partial), metadata=metadata)
-        partial.replace(path)
+        write_atomically(path, lambda partial: safetensors.torch.save_file(tensors, str(partial), metadata=metadata))
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module | None = None, num_classes: int | None = None,
@@ -185,9 +182,7 @@ class _ClassMoments:
         """Write the running state (torch tensors only, read back with weights_only=True)."""
         state = {"tag": self.tag, "mode": self.mode, "batches": self.batches, "count": self.count,
                  "first": self.first, "second": self.second}
-        partial = path.with_name(path.name + ".partial")
-        torch.save(state, partial)
-        partial.replace(path)
+        write_atomically(path, lambda partial: torch.save(state, partial))
 
     def restore(self, path: Path) -> None:
         state = torch.load(path, map_location=self.count.device, weights_only=True)

@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -29,6 +28,7 @@ from tqdm import tqdm
 import lpld_kernels
 
 from . import distributed, replay
+from .atomic import write_atomically
 from .errors import UserError
 from .recipes import Recipe, TrainConfig, add_recipe_arguments, recipe_from_args
 from .workdir import WorkDir
@@ -156,12 +156,6 @@ def _identity(recipe: Recipe, store, world: int) -> dict:
             "labels": store.fingerprint, "world_size": world}
 
 
-def _atomic_save(obj, path: Path) -> None:
-    partial = path.with_name(path.name + ".partial")
-    torch.save(obj, partial)
-    os.replace(partial, path)
-
-
 def _restore(path: Path, model, optimizer, scheduler, sampler, identity: dict) -> int:
     """Load a checkpoint written by this recipe on these labels; returns the next epoch to run."""
     try:
@@ -268,11 +262,11 @@ def train(recipe: Recipe, workdir: WorkDir, labels_path: str | Path, name: str, 
             shown_top1 = f"{metrics['top1']:.2f}"
         bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", top1=shown_top1)
         if distributed.is_main():
-            _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(), "epoch": epoch + 1,
                           "identity": identity, "rng_cpu": torch.get_rng_state(),
-                          **({"rng_cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})},
-                         out / CHECKPOINT)
+                          **({"rng_cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})}
+            write_atomically(out / CHECKPOINT, lambda partial: torch.save(checkpoint, partial))
             with open(out / METRICS, "a") as log:
                 log.write(json.dumps(metrics) + "\n")
         distributed.barrier()

@@ -1,4 +1,5 @@
-"""Without a CUDA device, Triton kernels run in its interpreter; it must be on before triton loads."""
+"""Shared test set-up. Without a CUDA device, Triton kernels run in its interpreter, which must be on
+before triton loads."""
 import json
 import os
 import subprocess
@@ -20,6 +21,16 @@ for name, types, constexprs in variants:
     signature = {p.name: "constexpr" if p.name in constexprs else types.get(p.name, "i32") for p in kernel.params}
     triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
 """
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP oversubscription on a busy 2-core machine
+    (measured: the foundation test files take 12 s with one thread, 50-90 s with two under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

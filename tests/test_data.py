@@ -17,15 +17,7 @@ from lpld.recipes import RECIPES, DataConfig
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP oversubscription on the shared 2-core CI
-    machine (measured: these four files take 12 s with one thread, 50-90 s with two under load).
-    The other foundation test files import this fixture."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

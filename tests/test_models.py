@@ -10,7 +10,8 @@ from torchvision.models.resnet import BasicBlock
 from lpld.errors import UserError
 from lpld.models import apply_weights, bn_layers, build_model, load_teacher, load_weights_file, save_teacher
 from lpld.recipes import RECIPES
-from test_data import one_thread  # noqa: F401 (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("stem, kernel, stride, pooled, side", [

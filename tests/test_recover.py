@@ -274,7 +274,7 @@ def test_across_class_uses_the_global_statistics(workdir):
     assert [job.classes for job in jobs] == [(0, 1, 2, 3)] * 2 and [job.indices for job in jobs] == [(0,) * 4, (1,) * 4]
     teacher = models.load_teacher(workdir.teacher, recipe)
     workdir.stats.unlink()  # not needed by the baseline
-    targets, stats_fingerprint = recover.load_targets(recipe, workdir, teacher, "cpu")
+    targets, stats_fingerprint = recover.load_targets(recipe, workdir, teacher, models.model_fingerprint(teacher), "cpu")
     assert stats_fingerprint is None
     for (_, bn), mean, var in zip(models.bn_layers(teacher), targets.means, targets.vars):
         assert torch.equal(mean, bn.running_mean[None]) and torch.equal(var, bn.running_var[None])

@@ -9,7 +9,9 @@ from lpld.models import build_model, load_teacher, read_teacher_meta
 from lpld.recipes import get_recipe
 from lpld.squeeze import CHECKPOINT, squeeze
 from lpld.workdir import WorkDir
-from test_data import one_thread, write_fmnist  # noqa: F401 (autouse fixture)
+from test_data import write_fmnist
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def brightness_classes(labels, rng):

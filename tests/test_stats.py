@@ -10,7 +10,9 @@ from lpld.models import bn_layers, build_model, model_fingerprint, save_teacher
 from lpld.recipes import get_recipe
 from lpld.stats import ClassBNStats, batches_done, collect_class_bn_stats, stats as stats_command
 from lpld.workdir import WorkDir
-from test_data import one_thread, write_fmnist  # noqa: F401 (autouse fixture)
+from test_data import write_fmnist
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 NUM_CLASSES = 4
 # Three batches; class 2 is missing from the second batch and class 3 never appears.
