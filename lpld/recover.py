@@ -356,7 +356,7 @@ def recover(recipe: Recipe, workdir: WorkDir, device=None, options: Options = Op
     cfg, root = recipe.recover, workdir.distilled
     identity = {
         "recover": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "classes_per_step"},
-        "data": {k: v for k, v in dataclasses.asdict(recipe.data).items() if k != "root"},
+        "data": recipe.settings("data")["data"],
         "teacher_fingerprint": teacher_fingerprint,
         "statistics_fingerprint": stats_fingerprint,
     }

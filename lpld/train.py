@@ -147,7 +147,7 @@ def _identity(recipe: Recipe, store, world: int) -> dict:
 
     Other stages' settings reach the student only through the labels, whose fingerprint is here.
     """
-    data = {key: value for key, value in dataclasses.asdict(recipe.data).items() if key != "root"}
+    data = recipe.settings("data")["data"]
     results_settings = {key: value for key, value in dataclasses.asdict(recipe.train).items()
                         if key not in ("workers", "loader", "compile", "val_interval")}
     return {"train": json.dumps(results_settings, sort_keys=True),
