@@ -34,7 +34,7 @@ def _synthesizer(recipe, device, options=recover.Options()):
     teacher = teacher.to(device).eval().requires_grad_(False)
     layers = [bn for _, bn in models.bn_layers(teacher)]
     generator = torch.Generator().manual_seed(0)
-    targets = recover.Targets(
+    targets = recover.Targets.from_layers(
         [torch.randn(data.num_classes, bn.num_features, generator=generator).to(device) * 0.2 for bn in layers],
         [torch.rand(data.num_classes, bn.num_features, generator=generator).to(device) + 0.5 for bn in layers],
         [recipe.recover.first_bn_weight] + [1.0] * (len(layers) - 1))

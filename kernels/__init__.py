@@ -1,9 +1,10 @@
 """lpld_kernels: fused Triton losses for dataset distillation, each with a PyTorch reference.
 
-``class_bn_loss``: class-wise BatchNorm statistic matching (LPLD recover, SPEC.md section 3).
+``class_bn_loss`` (one BN layer) / ``class_bn_loss_layers`` (every BN layer of a step in three launches):
+class-wise BatchNorm statistic matching (LPLD recover, SPEC.md section 3).
 ``soft_kl_div`` / ``SoftKLDivLoss``: temperature soft-label KL (FKD-style training, section 6).
 """
-from .bn_match import class_bn_loss
+from .bn_match import class_bn_loss, class_bn_loss_layers
 from .kl_div import SoftKLDivLoss, soft_kl_div
 
-__all__ = ["class_bn_loss", "soft_kl_div", "SoftKLDivLoss"]
+__all__ = ["class_bn_loss", "class_bn_loss_layers", "soft_kl_div", "SoftKLDivLoss"]

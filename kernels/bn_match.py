@@ -1,21 +1,37 @@
 """Class-wise BatchNorm statistic matching, the LPLD recover loss (SPEC.md section 3).
 
-Each BN layer's input x [B, C, H, W] is compared with per-class running statistics. A batch may
-hold several classes: image b is matched against group ``groups[b]``. With mu[g] and var[g] the
-mean and biased variance over the samples of group g and over H, W:
+Each BN layer l's input x_l [B, C_l, H, W] is compared with per-class statistics. A batch may hold
+several classes: image b belongs to group ``groups[b]``, and group g is matched against row
+``rows[g]`` of the target tables. With mu_l[g] and var_l[g] the mean and biased variance over the
+samples of group g and over H, W:
 
-    loss = sum over groups g with samples of  ||target_mean[g] - mu[g]||_2 + ||target_var[g] - var[g]||_2
+    loss = sum_l w_l * sum over groups g with samples of
+           s_l * (||target_mean_l[rows[g]] - mu_l[g]||_2 + ||target_var_l[rows[g]] - var_l[g]||_2)
 
-(plain, unsquared L2 norms over channels; ``rms=True`` divides each norm by sqrt(C)).
+(plain, unsquared L2 norms over channels; s_l = 1, or 1/sqrt(C_l) with ``rms=True``).
 
-The fused path reads x once forward (per-channel moments of every (sample, HW chunk) tile, merged
-with Chan's formula, so a large common offset such as 1000 + noise loses no precision) and once
-backward (dx = dmu/n + dvar * 2 (x - mu) / n from the saved group means). Both passes accumulate in
-float32 whatever x's dtype. The norm math on the tiny [G, C] moments is ordinary torch autograd,
-shared by the fused and the reference path.
+All layers of a step go through three Triton launches, whatever their number (an offset table
+over layers, a tile table over (layer, sample, channel block, HW chunk), and a table of the
+layers' data pointers; each layer is read where it lies):
+
+1. ``_moments_kernel``: per tile, the channel means and sums of squared deviations of one
+   (sample, HW chunk); x is read once.
+2. ``_merge_kernel``: per (group, layer), Chan's merge of its samples' tiles into group moments
+   (with a large common offset such as 1000 + noise the variance keeps float32's precision of the
+   mean, where sums of squares would lose it entirely), then the distances, norms and the group's
+   weighted loss term; the loss is the sum of those terms.
+3. ``_backward_kernel``: every layer's dx = a[g, c] + b[g, c] * (x - mu[g, c]), with
+   a = w s (mu - t_mu) / (n ||.||) and b = 2 w s (var - t_var) / (n ||.||); x is read once more.
+
+Both passes accumulate in float32 whatever x's dtype. The op is a ``torch.library`` custom op
+(``lpld::class_bn_loss``, with a fake implementation and registered autograd), so a compiled
+model calls it without a graph break; its plain PyTorch backend computes the same outputs with
+torch ops, and ``class_bn_loss_reference`` (torch autograd through the definition) is the oracle.
 """
 import functools
 import math
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import triton
@@ -24,162 +40,291 @@ import triton.language as tl
 from . import _dispatch
 
 MAX_TILE = 2048  # elements of x one program holds per loop step
+MAX_MERGE_BLOCK = 256  # channels one merge program holds per loop step
+GPU_TILE_ELEMENTS = 16384  # elements of x per program on a GPU: ~10^4 programs for ResNet-18 at 224 px
+LAYER_FIELDS = 6  # C, HW, chunk, chunks, partial offset, statistics offset
 
 
 @triton.jit
-def _partial_moments_kernel(
-    x_ptr, mean_ptr, m2_ptr,
-    C, HW, chunk, stride_b, stride_c, stride_hw,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-):
-    """Mean and sum of squared deviations per channel of one (sample, channel block, HW chunk)."""
-    b = tl.program_id(0)
-    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    chunk_id = tl.program_id(2)
-    channel_mask = channels < C
-    base = x_ptr + b.to(tl.int64) * stride_b + channels[:, None].to(tl.int64) * stride_c
+def _layer_row(layers_ptr, layer):
+    row = layers_ptr + layer * 6
+    return (tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4),
+            tl.load(row + 5))
+
+
+@triton.jit
+def _tile(tiles_ptr, inputs_ptr, layers_ptr, DTYPE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+          BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """This program's tile: layer fields, sample, channels, HW range and the offsets into x."""
+    tile = tiles_ptr + tl.program_id(0) * 4
+    layer = tl.load(tile)
+    b = tl.load(tile + 1).to(tl.int64)
+    channels = tl.load(tile + 2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    chunk_id = tl.load(tile + 3)
+    C, HW, chunk, chunks, partial_offset, stat_offset = _layer_row(layers_ptr, layer)
+    x = tl.load(inputs_ptr + layer).to(tl.pointer_type(DTYPE)) + b * C * HW
     hw_begin = chunk_id * chunk
     hw_end = tl.minimum(hw_begin + chunk, HW)
+    if CHANNELS_LAST:
+        channel_offsets = channels[:, None]
+        hw_stride = C
+    else:
+        channel_offsets = channels[:, None] * HW
+        hw_stride = 1
+    return (layer, b, channels, chunk_id, C, HW, chunks, partial_offset, stat_offset, x, hw_begin, hw_end,
+            channel_offsets, hw_stride)
+
+
+@triton.jit
+def _moments_kernel(
+    tiles_ptr, layers_ptr, inputs_ptr, mean_ptr, m2_ptr,
+    DTYPE: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    """Mean and sum of squared deviations per channel of one tile (sample, channel block, HW chunk)."""
+    (layer, b, channels, chunk_id, C, HW, chunks, partial_offset, stat_offset, x, hw_begin, hw_end,
+     channel_offsets, hw_stride) = _tile(tiles_ptr, inputs_ptr, layers_ptr, DTYPE, CHANNELS_LAST, BLOCK_C, BLOCK_HW)
+    channel_mask = channels < C
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     for start in range(hw_begin, hw_end, BLOCK_HW):
         hw = start + tl.arange(0, BLOCK_HW)
         mask = channel_mask[:, None] & (hw < hw_end)[None, :]
-        tile = tl.load(base + hw[None, :] * stride_hw, mask=mask, other=0.0).to(tl.float32)
+        values = tl.load(x + channel_offsets + hw[None, :] * hw_stride, mask=mask, other=0.0).to(tl.float32)
         count = (start - hw_begin).to(tl.float32)  # positions merged so far
         tile_count = tl.minimum(hw_end - start, BLOCK_HW).to(tl.float32)
-        tile_mean = tl.sum(tile, axis=1) / tile_count
-        deviation = tl.where(mask, tile - tile_mean[:, None], 0.0)
+        tile_mean = tl.sum(values, axis=1) / tile_count
+        deviation = tl.where(mask, values - tile_mean[:, None], 0.0)
         total = count + tile_count
         delta = tile_mean - mean
         mean += delta * (tile_count / total)
         m2 += tl.sum(deviation * deviation, axis=1) + delta * delta * (count * tile_count / total)
-    out = (b * tl.num_programs(2) + chunk_id) * C + channels
+    out = partial_offset + (b * chunks + chunk_id) * C + channels
     tl.store(mean_ptr + out, mean, mask=channel_mask)
     tl.store(m2_ptr + out, m2, mask=channel_mask)
 
 
 @triton.jit
-def _moments_backward_kernel(
-    x_ptr, dx_ptr, groups_ptr, mean_ptr, coef_mean_ptr, coef_var_ptr,
-    C, HW, chunk, stride_b, stride_c, stride_hw,
+def _merge_kernel(
+    layers_ptr, partial_mean_ptr, partial_m2_ptr, groups_ptr, rows_ptr, target_mean_ptr, target_var_ptr,
+    weights_ptr, mean_ptr, diff_mean_ptr, diff_var_ptr, norms_ptr, elements_ptr, terms_ptr,
+    B, num_groups, total_channels, target_stride,
+    HAS_ROWS: tl.constexpr, RMS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Group moments of one (group, layer) from its samples' tiles, then its norms and loss term."""
+    g = tl.program_id(0)
+    layer = tl.program_id(1)
+    C, HW, chunk, chunks, partial_offset, stat_offset = _layer_row(layers_ptr, layer)
+    if HAS_ROWS:
+        target_base = tl.load(rows_ptr + g).to(tl.int64) * target_stride + stat_offset
+    else:
+        target_base = g.to(tl.int64) * target_stride + stat_offset
+    out_base = g.to(tl.int64) * total_channels + stat_offset
+    square_mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    square_var = tl.zeros([BLOCK_C], dtype=tl.float32)
+    count = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for c_start in range(0, C, BLOCK_C):
+        channels = c_start + tl.arange(0, BLOCK_C)
+        channel_mask = channels < C
+        count = tl.zeros([BLOCK_C], dtype=tl.float32)
+        mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+        m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for b in range(0, B):
+            if tl.load(groups_ptr + b) == g:
+                for chunk_id in range(0, chunks):
+                    at = partial_offset + (b * chunks + chunk_id) * C + channels
+                    part_mean = tl.load(partial_mean_ptr + at, mask=channel_mask, other=0.0)
+                    part_m2 = tl.load(partial_m2_ptr + at, mask=channel_mask, other=0.0)
+                    part_count = tl.minimum(chunk, HW - chunk_id * chunk).to(tl.float32)
+                    total = count + part_count
+                    delta = part_mean - mean
+                    mean += delta * (part_count / total)
+                    m2 += part_m2 + delta * delta * (count * part_count / total)
+                    count = total
+        var = m2 / tl.maximum(count, 1.0)
+        target_mean = tl.load(target_mean_ptr + target_base + channels, mask=channel_mask, other=0.0).to(tl.float32)
+        target_var = tl.load(target_var_ptr + target_base + channels, mask=channel_mask, other=0.0).to(tl.float32)
+        diff_mean = tl.where(channel_mask, mean - target_mean, 0.0)
+        diff_var = tl.where(channel_mask, var - target_var, 0.0)
+        tl.store(mean_ptr + out_base + channels, mean, mask=channel_mask)
+        tl.store(diff_mean_ptr + out_base + channels, diff_mean, mask=channel_mask)
+        tl.store(diff_var_ptr + out_base + channels, diff_var, mask=channel_mask)
+        square_mean += diff_mean * diff_mean
+        square_var += diff_var * diff_var
+    norm_mean = tl.sqrt(tl.sum(square_mean, axis=0))
+    norm_var = tl.sqrt(tl.sum(square_var, axis=0))
+    elements = tl.max(count, axis=0)
+    scale = tl.load(weights_ptr + layer)
+    if RMS:
+        scale = scale / tl.sqrt(C.to(tl.float32))
+    at = layer * num_groups + g
+    tl.store(norms_ptr + 2 * at, norm_mean)
+    tl.store(norms_ptr + 2 * at + 1, norm_var)
+    tl.store(elements_ptr + at, elements)
+    tl.store(terms_ptr + at, tl.where(elements > 0, scale * (norm_mean + norm_var), 0.0))
+
+
+@triton.jit
+def _backward_kernel(
+    tiles_ptr, layers_ptr, inputs_ptr, grads_ptr, groups_ptr, mean_ptr, diff_mean_ptr, diff_var_ptr,
+    norms_ptr, elements_ptr, weights_ptr, grad_loss_ptr, num_groups, total_channels,
+    DTYPE: tl.constexpr, CHANNELS_LAST: tl.constexpr, RMS: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    """dx = coef_mean[g, c] + coef_var[g, c] * (x - mu[g, c]) for the tile's sample b in group g."""
-    b = tl.program_id(0)
-    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    """dx = a[g, c] + b[g, c] * (x - mu[g, c]) for one tile; the tile's sample b is in group g."""
+    (layer, b, channels, chunk_id, C, HW, chunks, partial_offset, stat_offset, x, hw_begin, hw_end,
+     channel_offsets, hw_stride) = _tile(tiles_ptr, inputs_ptr, layers_ptr, DTYPE, CHANNELS_LAST, BLOCK_C, BLOCK_HW)
+    dx = tl.load(grads_ptr + layer).to(tl.pointer_type(DTYPE)) + b * C * HW
     channel_mask = channels < C
-    stats = tl.load(groups_ptr + b) * C + channels
+    g = tl.load(groups_ptr + b)
+    at = layer * num_groups + g
+    scale = tl.load(weights_ptr + layer) * tl.load(grad_loss_ptr).to(tl.float32) / tl.load(elements_ptr + at)
+    if RMS:
+        scale = scale / tl.sqrt(C.to(tl.float32))
+    norm_mean = tl.load(norms_ptr + 2 * at)
+    norm_var = tl.load(norms_ptr + 2 * at + 1)
+    stats = g * total_channels + stat_offset + channels
     mu = tl.load(mean_ptr + stats, mask=channel_mask, other=0.0)[:, None]
-    coef_mean = tl.load(coef_mean_ptr + stats, mask=channel_mask, other=0.0)[:, None]
-    coef_var = tl.load(coef_var_ptr + stats, mask=channel_mask, other=0.0)[:, None]
-    offset = b.to(tl.int64) * stride_b + channels[:, None].to(tl.int64) * stride_c
-    hw_begin = tl.program_id(2) * chunk
-    hw_end = tl.minimum(hw_begin + chunk, HW)
+    coef_mean = tl.load(diff_mean_ptr + stats, mask=channel_mask, other=0.0)[:, None] * tl.where(
+        norm_mean > 0, scale / norm_mean, 0.0)
+    coef_var = tl.load(diff_var_ptr + stats, mask=channel_mask, other=0.0)[:, None] * tl.where(
+        norm_var > 0, 2 * scale / norm_var, 0.0)
     for start in range(hw_begin, hw_end, BLOCK_HW):
         hw = start + tl.arange(0, BLOCK_HW)
         mask = channel_mask[:, None] & (hw < hw_end)[None, :]
-        at = offset + hw[None, :] * stride_hw
-        x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
-        dx = coef_mean + coef_var * (x - mu)
-        tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        offsets = channel_offsets + hw[None, :] * hw_stride
+        values = tl.load(x + offsets, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx + offsets, (coef_mean + coef_var * (values - mu)).to(DTYPE), mask=mask)
 
 
-@functools.lru_cache
-def wanted_programs(device: torch.device) -> int:
-    """Enough programs to fill a GPU; one on the CPU, where the interpreter pays per program."""
-    if device.type != "cuda":
-        return 1
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+def tile_elements(device: torch.device) -> int | None:
+    """Elements of x per program: enough programs to fill a GPU; on the CPU, where the interpreter
+    pays per program, None (one program per sample and channel block)."""
+    return GPU_TILE_ELEMENTS if device.type == "cuda" else None
 
 
-class _Tiling:
-    """Launch geometry shared by the forward and backward kernels.
+@dataclass(frozen=True)
+class Plan:
+    """Launch geometry of one set of layer shapes: the tile and layer tables and the block sizes.
 
-    The tile's fast axis follows the memory format (HW for NCHW, C for channels_last) so loads
-    are coalesced; HW is cut into chunks only when (sample, channel block) programs alone would
-    leave a GPU idle (the interpreter on CPU gets as few programs as possible).
+    The tile's fast axis follows the memory format (HW for NCHW, C for channels_last) so loads are
+    coalesced. Built once per shape set and device, then reused every step.
     """
 
-    def __init__(self, x: torch.Tensor):
-        batch, channels, height, width = x.shape
-        self.hw = height * width
-        self.stride_hw = x.stride(3) if width > 1 else x.stride(2)
-        if x.stride(1) == 1 and channels > 1:
-            self.block_c = min(triton.next_power_of_2(channels), 64)
-            self.block_hw = min(triton.next_power_of_2(self.hw), MAX_TILE // self.block_c)
-        else:
-            self.block_hw = min(triton.next_power_of_2(self.hw), MAX_TILE)
-            self.block_c = min(triton.next_power_of_2(channels), MAX_TILE // self.block_hw)
-        programs = batch * triton.cdiv(channels, self.block_c)
-        hw_blocks = triton.cdiv(self.hw, self.block_hw)
-        splits = min(hw_blocks, max(1, triton.cdiv(wanted_programs(x.device), max(programs, 1))))
-        self.chunk = triton.cdiv(hw_blocks, splits) * self.block_hw
-        self.chunks = triton.cdiv(self.hw, self.chunk)
-        self.grid = (batch, triton.cdiv(channels, self.block_c), self.chunks)
-
-    def launch_args(self, x: torch.Tensor) -> tuple:
-        return (x.shape[1], self.hw, self.chunk, x.stride(0), x.stride(1), self.stride_hw)
-
-    def chunk_sizes(self, device: torch.device) -> torch.Tensor:
-        starts = torch.arange(self.chunks, device=device) * self.chunk
-        return (self.hw - starts).clamp(max=self.chunk).to(torch.float32)
+    tiles: torch.Tensor  # int32 [T, 4]: layer, sample, channel block, HW chunk
+    layers: torch.Tensor  # int64 [L, LAYER_FIELDS]
+    partial_size: int
+    block_c: int
+    block_hw: int
+    merge_block_c: int
+    channels_last: bool
 
 
-def _is_dense(x: torch.Tensor) -> bool:
-    return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+def block_sizes(shapes: Sequence[tuple[int, int]], channels_last: bool) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_HW, merge BLOCK_C) for layers of these (C, HW): one choice for the launch."""
+    max_c = triton.next_power_of_2(max(c for c, _ in shapes))
+    max_hw = triton.next_power_of_2(max(hw for _, hw in shapes))
+    if channels_last:
+        block_c = min(max_c, 64)
+        block_hw = min(max_hw, MAX_TILE // block_c)
+    else:
+        block_hw = min(max_hw, MAX_TILE // 16)
+        block_c = min(max_c, MAX_TILE // block_hw)
+    return block_c, block_hw, min(max_c, MAX_MERGE_BLOCK)
 
 
-def _group_count(groups: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """Samples per group, without the host sync that torch.bincount needs on CUDA."""
-    ones = torch.ones_like(groups)
-    return torch.zeros(num_groups, dtype=groups.dtype, device=groups.device).index_add_(0, groups, ones)
+@functools.lru_cache(maxsize=64)
+def make_plan(shapes: tuple[tuple[int, int], ...], batch: int, channels_last: bool, device: torch.device) -> Plan:
+    """``shapes``: (C, HW) per layer."""
+    block_c, block_hw, merge_block_c = block_sizes(shapes, channels_last)
+    work = tile_elements(device)
+    tiles, layers = [], []
+    partial_offset = stat_offset = 0
+    for layer, (channels, hw) in enumerate(shapes):
+        hw_blocks = triton.cdiv(hw, block_hw)
+        blocks_per_chunk = hw_blocks if work is None else max(1, min(hw_blocks, work // (block_c * block_hw)))
+        chunk = blocks_per_chunk * block_hw
+        chunks = triton.cdiv(hw, chunk)
+        layers.append((channels, hw, chunk, chunks, partial_offset, stat_offset))
+        tiles += [(layer, b, c, k) for b in range(batch) for c in range(triton.cdiv(channels, block_c))
+                  for k in range(chunks)]
+        partial_offset += batch * chunks * channels
+        stat_offset += channels
+    return Plan(torch.tensor(tiles, dtype=torch.int32).view(-1, 4).to(device),
+                torch.tensor(layers, dtype=torch.int64).to(device), partial_offset, block_c, block_hw,
+                merge_block_c, channels_last)
 
 
-class GroupMoments(torch.autograd.Function):
-    """(x, groups, G) -> per-group channel mean, biased var [G, C] (float32) and sample count [G]."""
+@functools.lru_cache(maxsize=64)
+def _device_floats(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32).to(device)
 
-    @staticmethod
-    def forward(ctx, x, groups, num_groups):
-        if not _is_dense(x):
-            x = x.contiguous()
-        tiling = _Tiling(x)
-        batch, channels = x.shape[:2]
-        partial_mean = _dispatch.empty((batch, tiling.chunks, channels), dtype=torch.float32, device=x.device)
-        partial_m2 = _dispatch.empty((batch, tiling.chunks, channels), dtype=torch.float32, device=x.device)
-        _partial_moments_kernel[tiling.grid](
-            x, partial_mean, partial_m2, *tiling.launch_args(x),
-            BLOCK_C=tiling.block_c, BLOCK_HW=tiling.block_hw,
+
+def _pointer_table(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Data pointers as an int64 device tensor; copied from pinned memory on CUDA (no host sync)."""
+    table = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+    device = tensors[0].device
+    if device.type == "cuda":
+        return table.pin_memory().to(device, non_blocking=True)
+    return table
+
+
+def _channels_last(xs: Sequence[torch.Tensor]) -> bool:
+    """The launch's layout: channels_last when every input is stored that way (a [B, C, 1, 1] input
+    is both) and not every one is NCHW."""
+    return (all(x.is_contiguous(memory_format=torch.channels_last) for x in xs)
+            and not all(x.is_contiguous() for x in xs))
+
+
+def _triton_forward(xs, groups, target_mean, target_var, rows, weights, rms):
+    device, (batch, num_groups) = xs[0].device, (xs[0].shape[0], target_mean.shape[0] if rows is None else rows.shape[0])
+    shapes = tuple((x.shape[1], x.shape[2] * x.shape[3]) for x in xs)
+    plan = make_plan(shapes, batch, _channels_last(xs), device)
+    total_channels, layers = sum(c for c, _ in shapes), len(xs)
+    partial_mean = _dispatch.empty((plan.partial_size,), dtype=torch.float32, device=device)
+    partial_m2 = _dispatch.empty((plan.partial_size,), dtype=torch.float32, device=device)
+    inputs = _pointer_table(xs)
+    dtype = _TRITON_DTYPES[xs[0].dtype]
+    if plan.tiles.shape[0]:
+        _moments_kernel[(plan.tiles.shape[0],)](
+            plan.tiles, plan.layers, inputs, partial_mean, partial_m2,
+            DTYPE=dtype, CHANNELS_LAST=plan.channels_last, BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw,
         )
-        # Chan's merge of the chunk moments into group moments: sizes are [B, chunks, C], tiny.
-        weights = tiling.chunk_sizes(x.device)[:, None]
-        count = _group_count(groups, num_groups)
-        n = (count * tiling.hw).clamp(min=1).to(torch.float32)[:, None]
-        zeros = partial_mean.new_zeros(num_groups, channels)
-        mean = zeros.index_add(0, groups, (partial_mean * weights).sum(1)) / n
-        spread = weights * (partial_mean - mean[groups][:, None, :]).square()
-        var = zeros.index_add(0, groups, (partial_m2 + spread).sum(1)) / n
-        ctx.tiling = tiling
-        ctx.save_for_backward(x, groups, mean, n)
-        ctx.mark_non_differentiable(count)
-        return mean, var, count
+    mean, diff_mean, diff_var = (_dispatch.empty((num_groups, total_channels), dtype=torch.float32, device=device)
+                                 for _ in range(3))
+    norms = _dispatch.empty((layers, num_groups, 2), dtype=torch.float32, device=device)
+    elements, terms = (_dispatch.empty((layers, num_groups), dtype=torch.float32, device=device) for _ in range(2))
+    _merge_kernel[(max(num_groups, 1), layers)](
+        plan.layers, partial_mean, partial_m2, groups, groups if rows is None else rows, target_mean, target_var,
+        _device_floats(tuple(weights), device), mean, diff_mean, diff_var, norms, elements, terms,
+        batch, num_groups, total_channels, target_mean.stride(0),
+        HAS_ROWS=rows is not None, RMS=rms, BLOCK_C=plan.merge_block_c,
+    )
+    return terms.sum(), mean, diff_mean, diff_var, norms, elements
 
-    @staticmethod
-    def backward(ctx, grad_mean, grad_var, _grad_count):
-        x, groups, mean, n = ctx.saved_tensors
-        tiling = ctx.tiling
-        dx = _dispatch.empty(x.shape, stride=x.stride(), dtype=x.dtype, device=x.device)
-        _moments_backward_kernel[tiling.grid](
-            x, dx, groups, mean, (grad_mean / n).contiguous(), (2 * grad_var / n).contiguous(),
-            *tiling.launch_args(x), BLOCK_C=tiling.block_c, BLOCK_HW=tiling.block_hw,
+
+def _triton_backward(grad_loss, xs, groups, mean, diff_mean, diff_var, norms, elements, weights, rms):
+    device, batch = xs[0].device, xs[0].shape[0]
+    shapes = tuple((x.shape[1], x.shape[2] * x.shape[3]) for x in xs)
+    plan = make_plan(shapes, batch, _channels_last(xs), device)
+    grads = [_dispatch.empty(x.shape, stride=x.stride(), dtype=x.dtype, device=device) for x in xs]
+    if plan.tiles.shape[0]:
+        _backward_kernel[(plan.tiles.shape[0],)](
+            plan.tiles, plan.layers, _pointer_table(xs), _pointer_table(grads), groups, mean, diff_mean, diff_var,
+            norms, elements, _device_floats(tuple(weights), device), grad_loss, mean.shape[0], mean.shape[1],
+            DTYPE=_TRITON_DTYPES[xs[0].dtype], CHANNELS_LAST=plan.channels_last, RMS=rms,
+            BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw,
         )
-        return dx, None, None
+    return grads
+
+
+_TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 def group_moments_reference(x: torch.Tensor, groups: torch.Tensor, num_groups: int):
-    """Plain PyTorch twin of ``GroupMoments`` (two-pass, in float32 or the wider input dtype)."""
+    """Per-group channel mean, biased var [G, C] and sample count [G] (two-pass, float32 or float64)."""
     x = x.to(torch.promote_types(x.dtype, torch.float32))
-    count = _group_count(groups, num_groups)
+    ones = torch.ones_like(groups)
+    count = torch.zeros(num_groups, dtype=groups.dtype, device=groups.device).index_add_(0, groups, ones)
     n = (count * x.shape[2] * x.shape[3]).clamp(min=1).to(x.dtype)[:, None]
     zeros = x.new_zeros(num_groups, x.shape[1])
     mean = zeros.index_add(0, groups, x.sum((2, 3))) / n
@@ -188,34 +333,162 @@ def group_moments_reference(x: torch.Tensor, groups: torch.Tensor, num_groups: i
     return mean, var, count
 
 
-def _matching_loss(mean, var, count, target_mean, target_var, rms: bool) -> torch.Tensor:
-    """Masked by ``count > 0`` rather than indexed, so no host sync happens on CUDA."""
-    distance = (
-        torch.linalg.vector_norm(target_mean.to(mean.dtype) - mean, dim=1)
-        + torch.linalg.vector_norm(target_var.to(var.dtype) - var, dim=1)
-    )
-    if rms:
-        distance = distance / math.sqrt(mean.shape[1])
-    return torch.where(count > 0, distance, 0.0).sum()
+def _layer_targets(table: torch.Tensor, rows, offset: int, channels: int) -> torch.Tensor:
+    table = table[:, offset:offset + channels]
+    return table if rows is None else table[rows]
+
+
+def _torch_forward(xs, groups, target_mean, target_var, rows, weights, rms):
+    """The op's outputs computed with torch ops (float32, or float64 for float64 inputs)."""
+    num_groups = target_mean.shape[0] if rows is None else rows.shape[0]
+    means, diffs_mean, diffs_var, norms, elements, terms = [], [], [], [], [], []
+    offset = 0
+    for x, weight in zip(xs, weights):
+        channels, hw = x.shape[1], x.shape[2] * x.shape[3]
+        mean, var, count = group_moments_reference(x, groups, num_groups)
+        diff_mean = mean - _layer_targets(target_mean, rows, offset, channels).to(mean.dtype)
+        diff_var = var - _layer_targets(target_var, rows, offset, channels).to(mean.dtype)
+        norm = torch.stack([torch.linalg.vector_norm(diff_mean, dim=1), torch.linalg.vector_norm(diff_var, dim=1)], 1)
+        scale = weight / math.sqrt(channels) if rms else weight
+        terms.append(torch.where(count > 0, scale * norm.sum(1), 0.0))
+        means.append(mean), diffs_mean.append(diff_mean), diffs_var.append(diff_var), norms.append(norm)
+        elements.append((count * hw).to(mean.dtype))
+        offset += channels
+    return (torch.stack(terms).sum(), torch.cat(means, 1), torch.cat(diffs_mean, 1), torch.cat(diffs_var, 1),
+            torch.stack(norms), torch.stack(elements))
+
+
+def _torch_backward(grad_loss, xs, groups, mean, diff_mean, diff_var, norms, elements, weights, rms):
+    """The same closed-form dx as ``_backward_kernel``, with torch ops."""
+    grads, offset = [], 0
+    for layer, (x, weight) in enumerate(zip(xs, weights)):
+        channels = x.shape[1]
+        scale = grad_loss * (weight / math.sqrt(channels) if rms else weight) / elements[layer].clamp(min=1)
+        inverse = torch.where(norms[layer] > 0, 1 / norms[layer], 0.0)
+        columns = slice(offset, offset + channels)
+        coef_mean = (diff_mean[:, columns] * (scale * inverse[:, 0])[:, None])[groups]
+        coef_var = (diff_var[:, columns] * (2 * scale * inverse[:, 1])[:, None])[groups]
+        mu = mean[:, columns][groups]
+        dx = coef_mean[:, :, None, None] + coef_var[:, :, None, None] * (x.to(mean.dtype) - mu[:, :, None, None])
+        grads.append(torch.empty_like(x).copy_(dx))
+        offset += channels
+    return grads
+
+
+@torch.library.custom_op("lpld::class_bn_loss", mutates_args=())
+def _class_bn_loss_op(xs: list[torch.Tensor], groups: torch.Tensor, target_mean: torch.Tensor,
+                      target_var: torch.Tensor, rows: torch.Tensor | None, weights: list[float], rms: bool,
+                      use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                 torch.Tensor, torch.Tensor]:
+    """(loss, mean [G, sum C], mean - target, var - target, norms [L, G, 2], elements [L, G])."""
+    forward = _triton_forward if use_triton else _torch_forward
+    return forward(xs, groups, target_mean, target_var, rows, weights, rms)
+
+
+@_class_bn_loss_op.register_fake
+def _(xs, groups, target_mean, target_var, rows, weights, rms, use_triton):
+    dtype = _accumulate_dtype(xs[0].dtype)
+    num_groups = target_mean.shape[0] if rows is None else rows.shape[0]
+    total_channels = sum(x.shape[1] for x in xs)
+    stats = [xs[0].new_empty((num_groups, total_channels), dtype=dtype) for _ in range(3)]
+    return (xs[0].new_empty((), dtype=dtype), *stats, xs[0].new_empty((len(xs), num_groups, 2), dtype=dtype),
+            xs[0].new_empty((len(xs), num_groups), dtype=dtype))
+
+
+@torch.library.custom_op("lpld::class_bn_loss_backward", mutates_args=())
+def _class_bn_loss_backward_op(grad_loss: torch.Tensor, xs: list[torch.Tensor], groups: torch.Tensor,
+                               mean: torch.Tensor, diff_mean: torch.Tensor, diff_var: torch.Tensor,
+                               norms: torch.Tensor, elements: torch.Tensor, weights: list[float], rms: bool,
+                               use_triton: bool) -> list[torch.Tensor]:
+    backward = _triton_backward if use_triton else _torch_backward
+    return backward(grad_loss, xs, groups, mean, diff_mean, diff_var, norms, elements, weights, rms)
+
+
+@_class_bn_loss_backward_op.register_fake
+def _(grad_loss, xs, groups, mean, diff_mean, diff_var, norms, elements, weights, rms, use_triton):
+    return [torch.empty_like(x) for x in xs]
+
+
+def _setup_context(ctx, inputs, output):
+    xs, groups, _target_mean, _target_var, _rows, weights, rms, use_triton = inputs
+    ctx.save_for_backward(groups, *output[1:], *xs)
+    ctx.settings = (weights, rms, use_triton)
+
+
+def _backward(ctx, grad_loss, *_unused):
+    groups, mean, diff_mean, diff_var, norms, elements, *xs = ctx.saved_tensors
+    grads = torch.ops.lpld.class_bn_loss_backward(grad_loss, xs, groups, mean, diff_mean, diff_var, norms,
+                                                  elements, *ctx.settings)
+    return grads, None, None, None, None, None, None, None
+
+
+_class_bn_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _one_layout(xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Dense inputs in one memory format (the kernels address x from C and HW alone); copies only
+    an input that is not stored that way already."""
+    memory_format = torch.channels_last if _channels_last(xs) else torch.contiguous_format
+    return [x if x.is_contiguous(memory_format=memory_format) else x.contiguous(memory_format=memory_format)
+            for x in xs]
+
+
+def class_bn_loss_layers(xs: Sequence[torch.Tensor], groups: torch.Tensor, target_mean: torch.Tensor,
+                         target_var: torch.Tensor, weights: Sequence[float], rows: torch.Tensor | None = None, *,
+                         rms: bool = False, backend: str | None = None) -> torch.Tensor:
+    """sum_l w_l * (class BN matching loss of layer l): every BN layer of a step in three launches.
+
+    xs: the BN inputs [B, C_l, H_l, W_l], one dtype (float32/bfloat16/float16; float64 on the torch
+    backend), NCHW or channels_last; groups: int [B] in [0, G); target_mean / target_var: one table
+    [R, sum_l C_l] holding every layer's columns side by side (``models.bn_layers`` order); rows:
+    int [G], the table row of each group (None: row g for group g, R = G). The gradient flows to
+    xs only. Returns a float32 (or float64) scalar.
+    """
+    xs = list(xs)
+    if not xs or any(x.dim() != 4 or x.shape[0] != xs[0].shape[0] for x in xs) or groups.shape != xs[0].shape[:1]:
+        raise ValueError(f"expected xs [B, C, H, W] with one B and groups [B], got "
+                         f"{[tuple(x.shape) for x in xs]} and {tuple(groups.shape)}")
+    if any(x.dtype != xs[0].dtype for x in xs):
+        raise ValueError(f"expected one dtype for all layers, got {sorted({str(x.dtype) for x in xs})}")
+    total_channels = sum(x.shape[1] for x in xs)
+    if target_mean.dim() != 2 or target_mean.shape[1] != total_channels or target_var.shape != target_mean.shape:
+        raise ValueError(f"expected target_mean and target_var [R, {total_channels}] (the layers' channels side by "
+                         f"side), got {tuple(target_mean.shape)} and {tuple(target_var.shape)}")
+    if len(weights) != len(xs):
+        raise ValueError(f"expected one weight per layer ({len(xs)}), got {len(weights)}")
+    xs = _one_layout(xs)
+    use_triton = _dispatch.use_triton(backend, xs[0])
+    if use_triton and xs[0].dtype not in _TRITON_DTYPES:
+        raise ValueError(f"the Triton kernels read {list(_TRITON_DTYPES)}, got {xs[0].dtype}: use backend='torch'")
+    rows = None if rows is None else rows.to(torch.int64)
+    return torch.ops.lpld.class_bn_loss(xs, groups.to(torch.int64), target_mean.contiguous(), target_var.contiguous(),
+                                        rows, [float(w) for w in weights], rms, use_triton)[0]
 
 
 def class_bn_loss(x, groups, target_mean, target_var, *, rms=False, backend=None) -> torch.Tensor:
-    """Sum over groups of ||mu_t[g] - mu_g(x)||_2 + ||var_t[g] - var_g(x)||_2, differentiable in x.
+    """Sum over groups of ||mu_t[g] - mu_g(x)||_2 + ||var_t[g] - var_g(x)||_2 for one BN layer.
 
-    x: [B, C, H, W] (NCHW or channels_last; float32/bfloat16/float16), groups: int64 [B] with
-    values in [0, G), target_mean / target_var: [G, C]. Returns a float32 (or float64) scalar.
+    x: [B, C, H, W] (NCHW or channels_last; float32/bfloat16/float16), groups: int [B] with values
+    in [0, G), target_mean / target_var: [G, C]. Returns a float32 (or float64) scalar.
     """
-    if x.dim() != 4 or groups.shape != x.shape[:1]:
-        raise ValueError(f"expected x [B, C, H, W] and groups [B], got {tuple(x.shape)} and {tuple(groups.shape)}")
-    if target_mean.dim() != 2 or target_mean.shape[1] != x.shape[1] or target_var.shape != target_mean.shape:
-        raise ValueError(
-            f"expected target_mean and target_var [G, {x.shape[1]}], "
-            f"got {tuple(target_mean.shape)} and {tuple(target_var.shape)}"
-        )
-    groups = groups.to(torch.int64)
-    num_groups = target_mean.shape[0]
-    if _dispatch.use_triton(backend, x):
-        moments = GroupMoments.apply(x, groups, num_groups)
-    else:
-        moments = group_moments_reference(x, groups, num_groups)
-    return _matching_loss(*moments, target_mean, target_var, rms)
+    return class_bn_loss_layers([x], groups, target_mean, target_var, [1.0], rms=rms, backend=backend)
+
+
+def class_bn_loss_reference(xs, groups, target_mean, target_var, weights, rows=None, *, rms=False) -> torch.Tensor:
+    """The definition in plain torch autograd (the tests' oracle; float32 or the wider input dtype)."""
+    num_groups = target_mean.shape[0] if rows is None else rows.shape[0]
+    loss, offset = 0.0, 0
+    for x, weight in zip(xs, weights):
+        mean, var, count = group_moments_reference(x, groups, num_groups)
+        channels = x.shape[1]
+        distance = (torch.linalg.vector_norm(_layer_targets(target_mean, rows, offset, channels).to(mean.dtype) - mean, dim=1)
+                    + torch.linalg.vector_norm(_layer_targets(target_var, rows, offset, channels).to(var.dtype) - var, dim=1))
+        if rms:
+            distance = distance / math.sqrt(channels)
+        loss = loss + weight * torch.where(count > 0, distance, 0.0).sum()
+        offset += channels
+    return loss

@@ -133,22 +133,30 @@ class BNInputs:
 
 @dataclass(frozen=True)
 class Targets:
-    """Per BN layer (``models.bn_layers`` order) the target tables mean/var [rows, C] and weight."""
+    """The target tables mean/var [rows, sum of C] with every BN layer's columns side by side
+    (``models.bn_layers`` order), as ``lpld_kernels.class_bn_loss_layers`` reads them, and the
+    layer weights."""
 
-    means: list[torch.Tensor]
-    vars: list[torch.Tensor]
+    mean: torch.Tensor
+    var: torch.Tensor
     weights: list[float]
 
     @classmethod
+    def from_layers(cls, means: list[torch.Tensor], variances: list[torch.Tensor], weights: list[float]) -> "Targets":
+        return cls(torch.cat(means, dim=1), torch.cat(variances, dim=1), weights)
+
+    @classmethod
     def from_class_stats(cls, stats: ClassBNStats, layer_names: list[str], first_weight: float, device) -> "Targets":
-        return cls([stats.layers[n].mean.to(device) for n in layer_names],
-                   [stats.layers[n].var.to(device) for n in layer_names], _layer_weights(len(layer_names), first_weight))
+        return cls.from_layers([stats.layers[n].mean.to(device) for n in layer_names],
+                               [stats.layers[n].var.to(device) for n in layer_names],
+                               _layer_weights(len(layer_names), first_weight))
 
     @classmethod
     def from_running_stats(cls, layers: list[torch.nn.BatchNorm2d], first_weight: float) -> "Targets":
         """The SRe2L targets: the teacher's global running statistics, a single row."""
-        return cls([bn.running_mean.detach().float()[None] for bn in layers],
-                   [bn.running_var.detach().float()[None] for bn in layers], _layer_weights(len(layers), first_weight))
+        return cls.from_layers([bn.running_mean.detach().float()[None] for bn in layers],
+                               [bn.running_var.detach().float()[None] for bn in layers],
+                               _layer_weights(len(layers), first_weight))
 
 
 def _layer_weights(count: int, first_weight: float) -> list[float]:
@@ -189,7 +197,7 @@ class Synthesizer:
         self.forward = torch.compile(teacher, dynamic=False) if options.compile else teacher
 
     def objective(self, views, groups, labels, inverse_group_size, rows):
-        """CE (mean within each group, summed over groups) + r_bn * sum_l w_l class_bn_loss_l."""
+        """CE (mean within each group, summed over groups) + r_bn * sum_l w_l class BN loss_l (one fused op)."""
         if self.cfg.pixel_space == "unit":
             views = (views - self.mean) / self.std
         if self.options.channels_last:
@@ -197,9 +205,8 @@ class Synthesizer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.options.bf16):
             logits = self.forward(views)
         cross_entropy = (F.cross_entropy(logits.float(), labels, reduction="none") * inverse_group_size).sum()
-        bn = sum(weight * lpld_kernels.class_bn_loss(x, groups, mean[rows], var[rows], rms=self.rms)
-                 for weight, x, mean, var in zip(self.targets.weights, self.bn_inputs.inputs,
-                                                 self.targets.means, self.targets.vars))
+        bn = lpld_kernels.class_bn_loss_layers(self.bn_inputs.inputs, groups, self.targets.mean, self.targets.var,
+                                               self.targets.weights, rows, rms=self.rms)
         return cross_entropy + self.cfg.r_bn * bn
 
     def _views(self, images: torch.Tensor, generators, sizes) -> torch.Tensor:

@@ -77,7 +77,7 @@ def make_loss_fn(model: nn.Module, config: TrainConfig, device: torch.device) ->
     def loss_fn(images: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             student_logits = model(images)
-        return lpld_kernels.soft_kl_div(student_logits.float(), teacher_logits, config.temperature, config.t2_scale)
+        return lpld_kernels.soft_kl_div(student_logits, teacher_logits, config.temperature, config.t2_scale)
 
     return torch.compile(loss_fn) if config.compile else loss_fn
 

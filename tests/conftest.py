@@ -1,9 +1,6 @@
 """Shared test set-up. Without a CUDA device, Triton kernels run in its interpreter, which must be on
-before triton loads."""
-import json
+before triton loads; ``gpu``-marked tests then skip."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,16 +8,23 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-_COMPILE_FOR_SM90 = """
-import json, sys, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-module, variants = json.loads(sys.argv[1])
-for name, types, constexprs in variants:
-    kernel = getattr(__import__(module, fromlist=[name]), name)
-    signature = {p.name: "constexpr" if p.name in constexprs else types.get(p.name, "i32") for p in kernel.params}
-    triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
-"""
+
+
+@pytest.fixture(scope="session")
+def kernel_device() -> torch.device:
+    """Where kernel tests put their tensors: a CUDA device when there is one (compiled Triton),
+    else the CPU (Triton's interpreter)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu``-marked tests skip cleanly on a machine without CUDA."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="module")
@@ -45,18 +49,3 @@ def poisoned_kernel_buffers(monkeypatch):
         return buffer.fill_(float("nan"))
 
     monkeypatch.setattr(_dispatch, "empty", nan_filled)
-
-
-@pytest.fixture
-def compile_for_gpu():
-    """``compile_for_gpu(module, [(kernel, {arg: type}, {arg: constant}), ...])`` compiles Triton
-    kernels to sm_90 machine code in a child process without the interpreter: no GPU needed, and it
-    catches what the interpreter accepts but the compiler refuses. Unlisted arguments are i32."""
-
-    def compile_(module: str, variants: list) -> None:
-        env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-        child = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90, json.dumps([module, variants])],
-                               env=env, capture_output=True, text=True)
-        assert child.returncode == 0, child.stderr[-3000:]
-
-    return compile_

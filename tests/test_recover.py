@@ -53,7 +53,7 @@ def _class_stats(teacher, seed=1):
 def _synthesizer(recipe, teacher, stats, dtype=torch.float32):
     names = [name for name, _ in models.bn_layers(teacher)]
     targets = recover.Targets.from_class_stats(stats, names, recipe.recover.first_bn_weight, "cpu")
-    targets = recover.Targets([m.to(dtype) for m in targets.means], [v.to(dtype) for v in targets.vars], targets.weights)
+    targets = recover.Targets(targets.mean.to(dtype), targets.var.to(dtype), targets.weights)
     return recover.Synthesizer(teacher.to(dtype), targets, recipe, "cpu")
 
 
@@ -276,7 +276,8 @@ def test_across_class_uses_the_global_statistics(workdir):
     workdir.stats.unlink()  # not needed by the baseline
     targets, stats_fingerprint = recover.load_targets(recipe, workdir, teacher, models.model_fingerprint(teacher), "cpu")
     assert stats_fingerprint is None
-    for (_, bn), mean, var in zip(models.bn_layers(teacher), targets.means, targets.vars):
+    channels = [bn.num_features for _, bn in models.bn_layers(teacher)]
+    for (_, bn), mean, var in zip(models.bn_layers(teacher), targets.mean.split(channels, 1), targets.var.split(channels, 1)):
         assert torch.equal(mean, bn.running_mean[None]) and torch.equal(var, bn.running_var[None])
 
     synthesizer = recover.Synthesizer(teacher, targets, recipe, "cpu")

@@ -219,5 +219,7 @@ def test_torchrun_ranks_split_the_records_and_match_one_process(tmp_path):
                                       micro_batch=store.meta["batch_size"])
         optimizer.step()
     trained = weights(workdir, "ddp")
+    # float32's KL gradient at T = 20 is good to ~1e-6 relative (closed form and autograd alike, against
+    # float64), and three steps through BatchNorm on 2-image records magnify the order noise to ~4e-6.
     for name, parameter in model.named_parameters():
-        torch.testing.assert_close(trained[name], parameter.detach(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(trained[name], parameter.detach(), rtol=1e-4, atol=1e-5)
