@@ -307,9 +307,10 @@ def _triton_backward(grad_loss, xs, groups, mean, diff_mean, diff_var, norms, el
     shapes = tuple((x.shape[1], x.shape[2] * x.shape[3]) for x in xs)
     plan = make_plan(shapes, batch, _channels_last(xs), device)
     grads = [_dispatch.empty(x.shape, stride=x.stride(), dtype=x.dtype, device=device) for x in xs]
+    pointers = _pointer_table([*xs, *grads])  # one host-to-device copy for both tables
     if plan.tiles.shape[0]:
         _backward_kernel[(plan.tiles.shape[0],)](
-            plan.tiles, plan.layers, _pointer_table(xs), _pointer_table(grads), groups, mean, diff_mean, diff_var,
+            plan.tiles, plan.layers, pointers, pointers[len(xs):], groups, mean, diff_mean, diff_var,
             norms, elements, _device_floats(tuple(weights), device), grad_loss, mean.shape[0], mean.shape[1],
             DTYPE=_TRITON_DTYPES[xs[0].dtype], CHANNELS_LAST=plan.channels_last, RMS=rms,
             BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw,
@@ -413,6 +414,7 @@ def _setup_context(ctx, inputs, output):
     xs, groups, _target_mean, _target_var, _rows, weights, rms, use_triton = inputs
     ctx.save_for_backward(groups, *output[1:], *xs)
     ctx.settings = (weights, rms, use_triton)
+    ctx.set_materialize_grads(False)  # the five saved outputs get no gradient: no zero tensors for them
 
 
 def _backward(ctx, grad_loss, *_unused):

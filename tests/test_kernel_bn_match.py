@@ -6,6 +6,7 @@ The oracle is ``class_bn_loss_reference`` evaluated in float64 on the very value
 input dtype, so the loss is held to float32 accuracy for every dtype; the gradient is stored in
 x's dtype, so its bound is that dtype's rounding.
 """
+import json
 import math
 
 import pytest
@@ -20,6 +21,7 @@ GRAD_RTOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 RESNET18_BN_INPUTS_32PX = [(64, 16)] + [(64, 8)] * 4 + [(128, 4)] * 5 + [(256, 2)] * 5 + [(512, 1)] * 5  # (C, side)
 
 pytestmark = pytest.mark.usefixtures("poisoned_kernel_buffers")
+UNPOISONED_EMPTY = _dispatch.empty
 
 
 def make_layers(batch, shapes, num_rows, dtype=torch.float32, channels_last=False, seed=0, device="cpu"):
@@ -317,3 +319,17 @@ def test_resnet18_layers_on_cuda_match_float64(dtype, channels_last):
     groups = torch.arange(20, device="cuda") // 5
     rows = torch.tensor([7, 2, 0, 9], device="cuda")
     assert_matches_float64(xs, groups, target_mean, target_var, [10.0] + [1.0] * 19, rows)
+
+
+def test_all_bn_layers_of_resnet18_take_at_most_six_launches(monkeypatch):
+    """Forward + backward of the loss over 20 BN layers: 3 Triton launches, the loss sum and the
+    backward seed; the committed count (benchmarks/results/launches.json) is the current one."""
+    from benchmarks.launch_count import RESULTS, count_launches, resnet18_step
+
+    monkeypatch.setattr(_dispatch, "empty", UNPOISONED_EMPTY)  # the NaN fill would count as launches
+    resnet18_step("all_layers")()  # builds the launch plan once, as the first recover step does
+    counts = count_launches(resnet18_step("all_layers"))
+    assert counts["triton"] == 3 and counts["total"] <= 6, counts
+    committed = json.loads(RESULTS.read_text())["runs"]
+    assert committed["after"]["launches"]["all_layers"]["total"] == counts["total"]
+    assert committed["before"]["launches"]["per_layer"]["total"] > 100 * counts["total"]
