@@ -3,14 +3,15 @@
 Shapes (SPEC.md sections 3 and 6):
 - BN matching: the inputs of torchvision ResNet-18's 20 BN layers for a recover batch of 50
   images at 224 px (ImageNet-1K), 64 px and 32 px, 5 classes x 10 images per batch matched against
-  those 5 classes' statistics (recover passes only the batch's rows of the class statistics);
-  one step = the 20 losses, summed, and dL/dx for all 20.
+  those 5 classes' statistics, first layer weighted 10 as in recover; one step = the weighted
+  sum of the 20 losses and dL/dx for all 20.
 - Soft-label KL: a training batch N=128 x K=1000 (ImageNet-1K) and N=32 x K=10450
   (ImageNet-21K-P); student float32 logits, teacher float16 (as the label store holds them), T=20.
 
-Providers: "eager" (the torch reference), "compiled" (torch.compile of the same reference; its
-compile time falls in the warm-up round, untimed), "triton" (the fused kernels, CUDA only: the
-interpreter on CPU is a correctness tool). Each row holds the median step time, images/sec
+Providers: "eager" (the definition in torch autograd; for BN a loop over the layers),
+"compiled" (torch.compile of the same reference; its compile time falls in the warm-up round,
+untimed), "triton" (the fused op, for BN all 20 layers in one call; CUDA only: the interpreter on
+CPU is a correctness tool). Each row holds the median step time, images/sec
 (rows/sec for KL), the effective GB/s over the bytes a fused step must move (BN: read x twice,
 write dx; KL: read both logits, write the gradient) and the speed-up over eager from the same
 run. On CUDA it adds the time over the bandwidth floor (those bytes at the measured device-copy
@@ -23,6 +24,7 @@ import torch
 import torchvision
 
 import lpld_kernels
+from lpld_kernels import bn_match
 from lpld_kernels.kl_div import soft_kl_div_reference
 
 CUDA = torch.cuda.is_available()
@@ -37,15 +39,18 @@ ROWS: list[dict] = []
 
 @functools.cache
 def loss_function(op: str, provider: str):
-    """One callable per (op, provider), so torch.compile's cache is shared across shapes."""
+    """One callable per (op, provider), so torch.compile's cache is shared across shapes.
+
+    "eager" is the definition in plain torch autograd (for BN, a loop over layers), "compiled" the
+    same under torch.compile, "triton" the fused op (for BN, all layers in one call)."""
     if provider == "triton" and not CUDA:
         pytest.skip("the fused kernels are timed on CUDA only")
-    reference = {"bn": functools.partial(lpld_kernels.class_bn_loss, backend="torch"), "kl": soft_kl_div_reference}
+    reference = {"bn": bn_match.class_bn_loss_reference, "kl": soft_kl_div_reference}
     if provider == "compiled":
         return torch.compile(reference[op])
     if provider == "eager":
         return reference[op]
-    return {"bn": functools.partial(lpld_kernels.class_bn_loss, backend="triton"),
+    return {"bn": functools.partial(lpld_kernels.class_bn_loss_layers, backend="triton"),
             "kl": functools.partial(lpld_kernels.soft_kl_div, backend="triton")}[op]
 
 
@@ -131,22 +136,20 @@ def test_class_bn_loss_forward_backward(benchmark, provider, resolution):
     generator = torch.Generator().manual_seed(0)
     shapes = bn_input_shapes(resolution)
     inputs = [torch.randn(shape, generator=generator).to(DEVICE).requires_grad_() for shape in shapes]
-    targets = [(torch.randn(GROUPS, shape[1], device=DEVICE), torch.rand(GROUPS, shape[1], device=DEVICE) + 0.5)
-               for shape in shapes]
+    channels = sum(shape[1] for shape in shapes)
+    mean, var = torch.randn(GROUPS, channels, device=DEVICE), torch.rand(GROUPS, channels, device=DEVICE) + 0.5
+    weights = [10.0] + [1.0] * (len(shapes) - 1)
     groups = torch.arange(GROUPS, device=DEVICE).repeat_interleave(BATCH // GROUPS)
 
-    def total_loss():
-        return sum(loss_fn(x, groups, mean, var) for x, (mean, var) in zip(inputs, targets))
-
     def step():
-        torch.autograd.grad(total_loss(), inputs)
+        torch.autograd.grad(loss_fn(inputs, groups, mean, var, weights), inputs)
 
     input_bytes = sum(x.nbytes for x in inputs)
     row = measure(benchmark, f"bn-resnet18-{resolution}px-b{BATCH}", provider, step, BATCH, "images",
                   3 * input_bytes, input_bytes)
-    reference = sum(lpld_kernels.class_bn_loss(x.double(), groups, m.double(), v.double(), backend="torch")
-                    for x, (m, v) in zip(inputs, targets))
-    torch.testing.assert_close(total_loss().double(), reference, rtol=1e-4, atol=0)
+    reference = bn_match.class_bn_loss_reference([x.double() for x in inputs], groups, mean.double(), var.double(),
+                                                 weights)
+    torch.testing.assert_close(loss_fn(inputs, groups, mean, var, weights).double(), reference, rtol=1e-4, atol=0)
     assert row["seconds"] > 0
 
 
