@@ -31,11 +31,12 @@ def validation_set(data: DataConfig) -> Dataset:
 
 
 def evaluate(model: nn.Module, data: DataConfig, device: torch.device | str = "cpu", batch_size: int = 256,
-             workers: int = 0, dataset: Dataset | None = None) -> dict:
+             workers: int = 0, dataset: Dataset | None = None, bf16: bool = False) -> dict:
     """{"top1", "top5" (percent), "loss" (mean cross-entropy), "images"} of ``model`` on the val split.
 
-    ``dataset`` (pairs of normalized image, label) defaults to ``validation_set(data)``. The
-    model's train/eval mode is restored afterwards.
+    ``dataset`` (pairs of normalized image, label) defaults to ``validation_set(data)``. float32
+    unless ``bf16`` (autocast; the paper's numbers are fp32). The model's train/eval mode is
+    restored afterwards.
     """
     device = torch.device(device)
     dataset = validation_set(data) if dataset is None else dataset
@@ -46,7 +47,7 @@ def evaluate(model: nn.Module, data: DataConfig, device: torch.device | str = "c
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, loss sum, count
     was_training = model.training
     model.eval()
-    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             logits = model(images).float()
@@ -86,7 +87,8 @@ def _command(args: argparse.Namespace) -> None:
         path = workdir.teacher
     if not path.is_file():
         raise UserError(f"no network at {path}: train it first (lpld squeeze / lpld train) or pass --weights FILE")
-    metrics = evaluate(load_network(path, device), recipe.data, device, args.batch_size, args.workers)
+    metrics = evaluate(load_network(path, device), recipe.data, device, args.batch_size, args.workers,
+                       bf16=recipe.train.bf16)
     if distributed.is_main():
         print(f"eval {path}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
               f"loss {metrics['loss']:.4f}  ({metrics['images']} {recipe.data.dataset} val images)")

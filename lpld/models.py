@@ -75,6 +75,47 @@ def _set_input_channels(model: nn.Module, arch: str, channels: int) -> None:
     setattr(parent, name.rpartition(".")[2], replacement)
 
 
+class GhostBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics come from consecutive groups of ``rows`` rows.
+
+    This is what each DataParallel replica computed in upstream's student training (SPEC.md
+    section 1.3: batch 128 over 4 GPUs, 32 rows per replica), so one GPU reproduces a 4-GPU run.
+    The running statistics follow the first group alone, as DataParallel kept only device 0's
+    buffers. Evaluation, and a batch of at most ``rows`` rows, is plain BatchNorm.
+    """
+
+    def __init__(self, num_features: int, rows: int, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.rows = rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or x.shape[0] <= self.rows:
+            return super().forward(x)
+        first, *rest = x.split(self.rows)
+        return torch.cat([super().forward(first), *(
+            nn.functional.batch_norm(part, None, None, self.weight, self.bias, True, 0.0, self.eps) for part in rest)])
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rows={self.rows}"
+
+
+def use_ghost_batch_norm(model: nn.Module, rows: int) -> nn.Module:
+    """Replace every BatchNorm2d of ``model`` by a GhostBatchNorm2d over ``rows`` rows (state kept);
+    ``rows`` 0 leaves the model as it is."""
+    if rows <= 0:
+        return model
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.BatchNorm2d:
+            like = next(iter(module.state_dict().values()))
+            ghost = GhostBatchNorm2d(module.num_features, rows, eps=module.eps, momentum=module.momentum,
+                                     affine=module.affine, track_running_stats=module.track_running_stats,
+                                     device=like.device, dtype=like.dtype)
+            ghost.load_state_dict(module.state_dict())
+            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            setattr(parent, name.rpartition(".")[2], ghost)
+    return model
+
+
 def bn_layers(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
     """Every BatchNorm2d in ``named_modules()`` order, downsample BNs included (SPEC.md section 2)."""
     return [(name, module) for name, module in model.named_modules() if isinstance(module, nn.BatchNorm2d)]

@@ -88,6 +88,7 @@ class RecoverConfig:
     pixel_space: str = "normalized"  # "normalized" (randn in normalized space) | "unit" ([0, 1], IN-21K)
     batching: str = "class-wise"  # "class-wise" (LPLD) | "across-class" (SRe2L baseline)
     bn_loss: str = "l2"  # "l2" (paper) | "rms" (per-channel RMS, architecture independent)
+    stats: str = "class"  # class-wise batches match "class" statistics (LPLD) or "global" ones (Table 4 "+C")
     classes_per_step: int = 0  # classes optimized in one teacher forward; 0 = as many as fit
     image_format: str = "jpeg"  # "jpeg" | "png"
     jpeg_quality: int = 75
@@ -129,6 +130,11 @@ class TrainConfig:
     temperature: float = 20.0
     t2_scale: bool = False  # multiply the KL by T^2 (Tiny recipe)
     micro_batch: int = 0  # 0: one optimizer step per record; else gradient accumulation
+    bn_batch: int = 0  # BatchNorm statistics over groups of this many rows (ghost BN); 0 = the whole record
+    bf16: bool = False  # bf16 autocast of student training and evaluation; the paper's runs are fp32
+    teacher_logit_scale: float = 1.0  # stored logits times this before the temperature (IN-21K: 0.8)
+    full_plan: str = "sampled"  # unpruned labels: "sampled" (nb draws with replacement) | "stored" (in order)
+    split: str = "rows"  # torchrun: "rows" (each record's rows across ranks) | "records" (records across ranks)
     val_interval: int = 10
     compile: bool = True
     loader: str = "auto"  # "auto" (dali on GPU, torch on CPU) | "dali" | "torch"
@@ -210,7 +216,8 @@ RECIPES: dict[str, Recipe] = {
         stats=StatsConfig(batch_size=64),
         recover=RecoverConfig(ipc=10, iterations=4000, lr=0.25, r_bn=0.01, jitter=(0, 32)),
         relabel=RelabelConfig(epochs=300, batch_size=128, mix="cutmix", flip="flip"),
-        train=TrainConfig(epochs=300, optimizer="adamw", lr=1e-3, weight_decay=0.01, temperature=20.0),
+        # bn_batch 32: upstream's DataParallel over 4 GPUs normalized each replica's 128 / 4 rows.
+        train=TrainConfig(epochs=300, optimizer="adamw", lr=1e-3, weight_decay=0.01, temperature=20.0, bn_batch=32),
     ),
     # Tiny-ImageNet, 64 px, ResNet-18 with the 3x3 stem and no max-pool.
     "tiny": Recipe(
@@ -223,7 +230,7 @@ RECIPES: dict[str, Recipe] = {
         relabel=RelabelConfig(epochs=100, batch_size=64, mix="none", flip="flip"),
         train=TrainConfig(
             epochs=100, optimizer="sgd", lr=0.2, momentum=0.9, weight_decay=1e-4,
-            warmup_epochs=5, temperature=20.0, t2_scale=True,
+            warmup_epochs=5, temperature=20.0, t2_scale=True, bn_batch=64,
         ),
     ),
     # ImageNet-21K-P (10450 classes), [0, 1] pixel space without normalization.
@@ -236,7 +243,10 @@ RECIPES: dict[str, Recipe] = {
         model=ModelConfig(arch="resnet18", stem="standard"),
         recover=RecoverConfig(ipc=10, iterations=2000, lr=0.05, r_bn=0.25, jitter=(0, 32), pixel_space="unit"),
         relabel=RelabelConfig(epochs=300, batch_size=32, mix="none", flip="cutout"),
-        train=TrainConfig(epochs=300, optimizer="adamw", lr=2e-3, weight_decay=0.01, temperature=20.0, val_interval=50),
+        # Upstream's label smoothing 0.2 on the logits scales them by 0.8 (teacher T 25 against the
+        # student's 20); bn_batch 8 = 32 rows over 4 DataParallel GPUs.
+        train=TrainConfig(epochs=300, optimizer="adamw", lr=2e-3, weight_decay=0.01, temperature=20.0, val_interval=50,
+                          bn_batch=8, teacher_logit_scale=0.8),
     ),
     # Fashion-MNIST (Debian's dataset-fashion-mnist): the embedded demo, minutes on 2 CPU cores.
     "fmnist": Recipe(

@@ -42,6 +42,7 @@ from .workdir import WorkDir
 
 BATCHING = ("class-wise", "across-class")
 BN_LOSSES = ("l2", "rms")
+STATS = ("class", "global")
 PIXEL_SPACES = ("normalized", "unit")
 IMAGE_FORMATS = {"jpeg": "jpg", "png": "png"}
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -83,8 +84,9 @@ def plan_jobs(recipe: Recipe) -> list[Job]:
     up to ``ACROSS_CLASS_BATCH`` consecutive classes, as SRe2L's batches do."""
     cfg, num_classes = recipe.recover, recipe.data.num_classes
     if cfg.batching == "class-wise":
-        return [Job(class_folder(c, num_classes), (c,) * cfg.ipc, tuple(range(cfg.ipc)), c, job_seed(cfg.seed, 0, c))
-                for c in range(num_classes)]
+        global_stats = cfg.stats == "global"  # Table 4's "+C" ablation: class-wise batches, global statistics
+        return [Job(class_folder(c, num_classes), (c,) * cfg.ipc, tuple(range(cfg.ipc)), 0 if global_stats else c,
+                    job_seed(cfg.seed, 0, c)) for c in range(num_classes)]
     jobs = []
     for k in range(cfg.ipc):
         for start in range(0, num_classes, ACROSS_CLASS_BATCH):
@@ -101,6 +103,7 @@ def check_recipe(recipe: Recipe) -> None:
     if cfg.iterations < 1:
         raise UserError(f"recover.iterations is {cfg.iterations}: it must be at least 1; pass --iterations N")
     for name, value, known in (("batching", cfg.batching, BATCHING), ("bn_loss", cfg.bn_loss, BN_LOSSES),
+                               ("stats", cfg.stats, STATS),
                                ("pixel_space", cfg.pixel_space, PIXEL_SPACES),
                                ("image_format", cfg.image_format, tuple(IMAGE_FORMATS))):
         if value not in known:
@@ -340,10 +343,11 @@ class Progress:
 
 def load_targets(recipe: Recipe, workdir: WorkDir, teacher: torch.nn.Module, teacher_fingerprint: str,
                  device) -> tuple[Targets, str | None]:
-    """Class statistics for class-wise batching (refusing another teacher's), global ones otherwise."""
+    """Class statistics for class-wise batching (refusing another teacher's), global ones for the
+    across-class baseline and for ``recover.stats global``."""
     first = recipe.recover.first_bn_weight
     layers = models.bn_layers(teacher)
-    if recipe.recover.batching == "across-class":
+    if recipe.recover.batching == "across-class" or recipe.recover.stats == "global":
         return Targets.from_running_stats([layer for _, layer in layers], first), None
     stats = ClassBNStats.load(workdir.stats, model=teacher, num_classes=recipe.data.num_classes,
                               teacher_fingerprint=teacher_fingerprint)
@@ -418,6 +422,9 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("recover", help="synthesize the distilled images (class-wise BN matching)")
     add_recipe_arguments(parser)
     parser.add_argument("--batching", choices=BATCHING, help="class-wise (LPLD, default) or across-class (SRe2L)")
+    parser.add_argument("--stats", choices=STATS,
+                        help="class-wise batches match class statistics (LPLD, default) or the teacher's global ones "
+                             "(the paper's Table 4 '+C' ablation)")
     parser.add_argument("--ipc", type=int, help="images per class (recover.ipc)")
     parser.add_argument("--iterations", type=int, help="optimization steps per image group (recover.iterations)")
     parser.add_argument("--classes-per-step", type=int, help="classes per teacher forward; 0 = auto")
@@ -429,7 +436,7 @@ def register(subparsers) -> None:
 
 def _main(args: argparse.Namespace) -> None:
     overrides = [f"recover.{field}={value}" for field, value in (
-        ("batching", args.batching), ("ipc", args.ipc), ("iterations", args.iterations),
+        ("batching", args.batching), ("stats", args.stats), ("ipc", args.ipc), ("iterations", args.iterations),
         ("classes_per_step", args.classes_per_step)) if value is not None]
     args.overrides = overrides + args.overrides
     recipe = recipe_from_args(args)

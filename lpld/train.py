@@ -6,8 +6,10 @@ stored fp16 logits, temperature T, batchmean, times T^2 when the recipe says so,
 term. AdamW or SGD with no weight decay on biases and BN (1-D) parameters; a per-epoch schedule:
 optional linear warm-up from 0.01, then cosine to 0. A checkpoint (model, optimizer, scheduler,
 sampler epoch, RNG) is written atomically after every epoch and ``--resume`` continues from it
-exactly. Under torchrun each rank replays every W-th record of the epoch's plan and DDP averages
-the gradients, which equals one process accumulating W records per step.
+exactly. Under torchrun (``train.split rows``, the default) every rank replays the same record
+and trains on its ceil(B / W) rows, DDP averaging the gradients: one optimizer step per record with
+the global batch B, as upstream's DataParallel ran, each rank's BatchNorm seeing its rows.
+``train.bn_batch`` gives one process the same BatchNorm groups (ghost BatchNorm).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import functools
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -73,22 +76,33 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> to
 
 
 def make_loss_fn(model: nn.Module, config: TrainConfig, device: torch.device) -> Callable:
-    """(images, stored fp16 logits) -> soft-label KL of the student; the one place torch.compile applies."""
+    """(images, stored fp16 logits) -> soft-label KL of the student; the one place torch.compile applies.
+
+    fp32 unless ``train.bf16`` (the paper's runs are fp32; at T = 20 the gradient lives in small
+    logit differences). ``train.teacher_logit_scale`` multiplies the stored logits before the
+    temperature (upstream's IN-21K label smoothing on logits), which stay raw on disk.
+    """
+    scale = config.teacher_logit_scale
+
     def loss_fn(images: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, torch.bfloat16, enabled=config.bf16):
             student_logits = model(images)
+        if scale != 1:
+            teacher_logits = teacher_logits.float() * scale
         return lpld_kernels.soft_kl_div(student_logits, teacher_logits, config.temperature, config.t2_scale)
 
     return torch.compile(loss_fn) if config.compile else loss_fn
 
 
 def accumulate_gradients(loss_fn: Callable, images: torch.Tensor, teacher_logits: torch.Tensor,
-                         micro_batch: int = 0, no_sync: Callable = contextlib.nullcontext) -> torch.Tensor:
+                         micro_batch: int = 0, no_sync: Callable = contextlib.nullcontext,
+                         weight: float = 1.0) -> torch.Tensor:
     """Backward over micro-batches of ``micro_batch`` rows (0: the whole record); returns the record's loss.
 
     Each part's batchmean loss is weighted by its share of the record, so the summed gradient is
     the whole record's gradient (exactly so for models without batch statistics; BatchNorm sees
-    smaller batches). ``no_sync`` (DDP) skips the gradient all-reduce for all but the last part.
+    smaller batches). ``no_sync`` (DDP) skips the gradient all-reduce for all but the last part;
+    ``weight`` scales the whole (a rank's share of a record split across ranks).
     """
     total = len(images)
     size = micro_batch if 0 < micro_batch < total else total
@@ -97,36 +111,79 @@ def accumulate_gradients(loss_fn: Callable, images: torch.Tensor, teacher_logits
         part = slice(start, start + size)
         rows = len(images[part])
         with no_sync() if start + size < total else contextlib.nullcontext():
-            loss = loss_fn(images[part], teacher_logits[part]) * (rows / total)
+            loss = loss_fn(images[part], teacher_logits[part]) * (weight * rows / total)
             loss.backward()
         loss_sum = loss_sum + loss.detach()
     return loss_sum
 
 
-def training_plan(store, seed: int) -> Callable[[int], list[int]]:
-    """epoch -> record ids: full labels replay stored epoch e in order (SPEC.md 10.8, r = 0); a pruned
-    store follows its pool (the paper's: nb draws with replacement per epoch)."""
+FULL_PLANS = {"sampled": "random", "stored": "order"}
+
+
+def training_plan(store, seed: int, full_plan: str = "sampled") -> Callable[[int], list[int]]:
+    """epoch -> record ids. A pruned store follows its pool (the paper's: nb draws with replacement
+    per epoch). Full labels: ``sampled`` draws nb records with replacement from all of them, which
+    is what upstream's r = 0 scripts ran (their "0" == "0.0" test never matched, so the
+    order/epoch branch never did); ``stored`` replays stored epoch e in order (SPEC.md 10.8)."""
     from . import prune
 
+    if full_plan not in FULL_PLANS:
+        raise UserError(f"train.full_plan={full_plan!r}: choose one of {', '.join(FULL_PLANS)}")
     history = store.meta.get("prune", [])
-    kind = history[-1]["pool"] if history else "order"
+    kind = history[-1]["pool"] if history else FULL_PLANS[full_plan]
     return functools.partial(prune.plan, seed=seed, pool=store.ids,
                              batches_per_epoch=store.batches_per_epoch, kind=kind)
 
 
+def rank_rows(batch_size: int, rank: int, world: int) -> slice:
+    """This rank's rows of a record under ``split rows``: consecutive chunks of ceil(B / W) rows,
+    the way DataParallel scattered upstream's batches."""
+    chunk = -(-batch_size // world)
+    return slice(min(rank * chunk, batch_size), min((rank + 1) * chunk, batch_size))
+
+
 def _train_epoch(batches, loss_fn: Callable, optimizer, micro_batch: int, no_sync: Callable, device: torch.device,
-                 memory_format: torch.memory_format, on_step: Callable) -> tuple[float, int]:
-    """One pass over the sampler's records, one optimizer step per record; (mean loss over ranks, steps)."""
+                 memory_format: torch.memory_format, on_step: Callable, rows: slice | None) -> tuple[float, int]:
+    """One pass over the sampler's records, one optimizer step per record; (mean loss over ranks, steps).
+
+    ``rows``: this rank's rows of every record (split rows), or None for whole records. The rank's
+    loss is weighted by its share times W, so DDP's average over ranks is the record's batchmean.
+    """
     loss_sum, steps = torch.zeros((), device=device), 0
+    world = distributed.world_size()
     for batch in batches:
-        images = batch.images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        images, logits = batch.images, batch.logits
+        weight = 1.0
+        if rows is not None:
+            weight = len(range(len(images))[rows]) * world / len(images)
+            images, logits = images[rows], logits[rows]
+        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         optimizer.zero_grad(set_to_none=True)
-        loss_sum += accumulate_gradients(loss_fn, images, batch.logits.to(device, non_blocking=True), micro_batch, no_sync)
+        loss_sum += accumulate_gradients(loss_fn, images, logits.to(device, non_blocking=True), micro_batch, no_sync,
+                                         weight)
         optimizer.step()
         steps += 1
         on_step()
-    mean = distributed.all_reduce_sum(loss_sum / max(steps, 1)) / distributed.world_size()
+    mean = distributed.all_reduce_sum(loss_sum / max(steps, 1)) / world
     return mean.item(), steps
+
+
+def _check_batching(config: TrainConfig, record_size: int, world: int) -> None:
+    """The split, ghost-BN and micro-batch settings must fit the records and the ranks."""
+    if config.split not in ("rows", "records"):
+        raise UserError(f"train.split={config.split!r}: choose rows (the paper's semantics) or records")
+    if config.bn_batch < 0:
+        raise UserError(f"train.bn_batch={config.bn_batch}: use 0 (the whole record) or a row count")
+    if config.split == "rows" and world > record_size:
+        raise UserError(f"{world} ranks cannot split records of {record_size} rows; use fewer ranks or --split records")
+    if config.bn_batch and config.micro_batch and config.micro_batch % config.bn_batch:
+        raise UserError(f"train.micro_batch={config.micro_batch} must be a multiple of train.bn_batch={config.bn_batch}, "
+                        "so that micro-batching keeps the BatchNorm groups")
+    rank_rows_count = -(-record_size // world) if config.split == "rows" else record_size
+    if config.bn_batch and world > 1 and config.split == "rows" and rank_rows_count < config.bn_batch and \
+            distributed.is_main():
+        warnings.warn(f"each of {world} ranks normalizes {rank_rows_count} rows, fewer than train.bn_batch="
+                      f"{config.bn_batch}: BatchNorm statistics come from smaller groups than the recipe's", stacklevel=3)
 
 
 def _check_store_fits(store, distilled, recipe: Recipe) -> None:
@@ -211,14 +268,23 @@ def train(recipe: Recipe, workdir: WorkDir, labels_path: str | Path, name: str, 
     store = labels.LabelStore.open(labels_path, expect_images=len(distilled.images),
                                    expect_classes=recipe.data.num_classes, verify_checksums=distributed.is_main())
     _check_store_fits(store, distilled, recipe)
+    record_size = store.meta["batch_size"]
+    _check_batching(config, record_size, world)
     arch = config.arch or recipe.model.arch
     torch.manual_seed(config.seed)
-    model = models.build_model(arch, recipe.data.num_classes, recipe.data.channels, recipe.model.stem).to(device)
+    model = models.build_model(arch, recipe.data.num_classes, recipe.data.channels, recipe.model.stem)
+    model = models.use_ghost_batch_norm(model, config.bn_batch).to(device)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = model.to(memory_format=memory_format)
-    optimizer = build_optimizer(model, config)
+    split_records = config.split == "records" and world > 1
+    if split_records:
+        warnings.warn(f"train.split=records departs from the paper: {world} ranks take {world} x {record_size} rows "
+                      f"per step and {world}x fewer steps; lr scaled linearly to {config.lr * world:g}", stacklevel=2)
+    optimizer = build_optimizer(model, dataclasses.replace(config, lr=config.lr * world) if split_records else config)
     scheduler = build_scheduler(optimizer, config)
-    sampler = replay.PlanSampler(training_plan(store, config.seed), rank=rank, world_size=world)
+    plan = training_plan(store, config.seed, config.full_plan)
+    sampler = replay.PlanSampler(plan, rank=rank, world_size=world) if split_records else replay.PlanSampler(plan)
+    rows = rank_rows(record_size, rank, world) if world > 1 and not split_records else None
     identity = _identity(recipe, store, world)
     first_epoch = 0
     if resume and (out / CHECKPOINT).exists():
@@ -239,10 +305,10 @@ def train(recipe: Recipe, workdir: WorkDir, labels_path: str | Path, name: str, 
 
     def validate() -> dict:
         distributed.broadcast_buffers(model)  # every rank's shard scored with rank 0's model
-        return evaluate.evaluate(model, recipe.data, device, EVAL_BATCH, config.workers, val_set)
+        return evaluate.evaluate(model, recipe.data, device, EVAL_BATCH, config.workers, val_set, bf16=config.bf16)
 
     last_epoch = config.epochs if stop_after is None else min(config.epochs, first_epoch + stop_after)
-    record_images = store.meta["batch_size"] * world  # images per optimizer step, all ranks together
+    record_images = record_size * (world if split_records else 1)  # images per optimizer step, all ranks
     images_seen, train_seconds, metrics, shown_top1 = 0, 0.0, {}, "-"  # top-1 of the latest evaluation
     bar = tqdm(total=(last_epoch - first_epoch) * len(sampler) * record_images, unit="img",
                desc=f"train {name}", disable=not distributed.is_main())
@@ -251,12 +317,12 @@ def train(recipe: Recipe, workdir: WorkDir, labels_path: str | Path, name: str, 
         lr = optimizer.param_groups[0]["lr"]
         epoch_start = time.perf_counter()
         loss, steps = _train_epoch(batches, loss_fn, optimizer, config.micro_batch, no_sync, device, memory_format,
-                                   lambda: bar.update(record_images))
+                                   lambda: bar.update(record_images), rows)
         seconds = time.perf_counter() - epoch_start
         images_seen, train_seconds = images_seen + steps * record_images, train_seconds + seconds
         scheduler.step()
-        metrics = {"epoch": epoch, "loss": loss, "lr": lr, "images_per_sec": steps * record_images / seconds,
-                   "seconds": seconds}
+        metrics = {"epoch": epoch, "loss": loss, "lr": lr, "steps": steps,
+                   "images_per_sec": steps * record_images / seconds, "seconds": seconds}
         if (epoch + 1) % config.val_interval == 0 or epoch + 1 == config.epochs:
             metrics.update(validate())
             shown_top1 = f"{metrics['top1']:.2f}"
@@ -305,6 +371,8 @@ def _finish(recipe: Recipe, workdir: WorkDir, out: Path, model: nn.Module, store
 
 def _command(args: argparse.Namespace) -> None:
     recipe = recipe_from_args(args)
+    flags = [*(["train.bf16=true"] if args.bf16 else []), *([f"train.split={args.split}"] if args.split else [])]
+    recipe = recipe.with_overrides(flags)
     train(recipe, WorkDir.for_recipe(args.workdir, recipe.name), args.labels, args.name, args.device,
           resume=args.resume, loader=args.loader, stop_after=args.stop_after)
 
@@ -317,6 +385,11 @@ def register(subparsers) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the student's last checkpoint")
     parser.add_argument("--loader", choices=("auto", "dali", "torch"), default=None,
                         help="replay back end (default: recipe train.loader; auto = dali on GPU, torch on CPU)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 autocast for the student (train.bf16); the paper's runs are fp32")
+    parser.add_argument("--split", choices=("rows", "records"), default=None,
+                        help="under torchrun: rows (default, the paper's: every rank takes its rows of each record, "
+                             "one step per record) or records (W records per step, lr x W: faster, not the paper's)")
     parser.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
                         help="train at most this many epochs now, then stop (continue later with --resume)")
     parser.set_defaults(func=_command)

@@ -1,4 +1,5 @@
 """Networks by name and stem, teacher files, and user weight files."""
+import copy
 from dataclasses import replace
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
+from lpld import models
 from lpld.errors import UserError
 from lpld.models import apply_weights, bn_layers, build_model, load_teacher, load_weights_file, save_teacher
 from lpld.recipes import RECIPES
@@ -117,3 +119,35 @@ def test_mismatched_weights_name_the_problem():
         apply_weights(model, {k: v for k, v in state.items() if k != "fc.bias"}, "partial.pth")
     with pytest.raises(UserError, match="unexpected"):
         apply_weights(model, build_model("resnet18", 10, channels=1, stem="3x3s2").state_dict(), "resnet18.pth")
+
+
+def test_ghost_batch_norm_equals_a_loop_over_groups_in_float64():
+    """Each group of ``rows`` rows is normalized by its own statistics; the running statistics follow
+    the first group only (DataParallel kept device 0's); evaluation is plain BatchNorm."""
+    torch.manual_seed(0)
+    x = torch.randn(10, 3, 4, 5, dtype=torch.float64) * 2 + 1
+    plain = torch.nn.BatchNorm2d(3).double()
+    plain.weight.data.uniform_(0.5, 1.5)
+    plain.bias.data.normal_()
+    model = models.use_ghost_batch_norm(torch.nn.Sequential(copy.deepcopy(plain)), 4).double().train()
+    assert isinstance(model[0], models.GhostBatchNorm2d) and model[0].rows == 4
+    groups = [copy.deepcopy(plain).train() for _ in range(3)]
+    expected = torch.cat([bn(part) for bn, part in zip(groups, x.split(4))])
+    torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model[0].running_mean, groups[0].running_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model[0].running_var, groups[0].running_var, rtol=1e-12, atol=1e-12)
+    model.eval()
+    groups[0].eval()
+    torch.testing.assert_close(model(x), groups[0](x), rtol=1e-12, atol=1e-12)
+    assert models.use_ghost_batch_norm(torch.nn.Sequential(torch.nn.BatchNorm2d(3)), 0)[0].__class__ is torch.nn.BatchNorm2d
+
+
+def test_ghost_batch_norm_compiles_and_keeps_the_state_dict_keys():
+    torch.manual_seed(0)
+    model = models.use_ghost_batch_norm(models.build_model("resnet10", 4, 1, "3x3s2"), 2).train()
+    assert set(model.state_dict()) == set(models.build_model("resnet10", 4, 1, "3x3s2").state_dict())
+    x = torch.randn(6, 1, 16, 16)
+    eager = model(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)

@@ -18,6 +18,18 @@ def test_presets_hold_the_paper_values():
     assert all(r.recover.first_bn_weight == 10.0 and r.train.temperature == 20.0 for r in RECIPES.values())
 
 
+def test_presets_reproduce_how_the_papers_students_were_trained():
+    """Issue 10: upstream's DataParallel over 4 GPUs normalized 128/4, 64 (Tiny: one GPU) and 32/4 rows;
+    its IN-21K label smoothing on logits is a 0.8 teacher scale; fp32; r = 0 sampled with replacement;
+    torchrun splits each record's rows; class-wise batches match class statistics."""
+    in1k, tiny, in21k = RECIPES["imagenet1k"], RECIPES["tiny"], RECIPES["imagenet21k"]
+    assert (in1k.train.bn_batch, tiny.train.bn_batch, in21k.train.bn_batch) == (32, 64, 8)
+    assert (in1k.train.teacher_logit_scale, tiny.train.teacher_logit_scale, in21k.train.teacher_logit_scale) == (1, 1, 0.8)
+    for recipe in RECIPES.values():
+        assert not recipe.train.bf16 and recipe.train.full_plan == "sampled" and recipe.train.split == "rows"
+        assert recipe.recover.stats == "class"
+
+
 def test_overrides_parse_by_type():
     recipe = get_recipe("tiny", [
         "recover.iterations=7", "recover.jitter=-1,1", "train.compile=false",

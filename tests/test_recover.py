@@ -299,3 +299,22 @@ def test_names_sort_in_class_order_beyond_1000_classes():
     names = [recover.class_folder(c, 10450) for c in range(10450)]
     assert names == sorted(names) and names[-1] == "c10449"
     assert recover.image_name(7, 12, 10450, 200, "png") == "c00007_i0012.png"
+
+
+def test_class_wise_batches_against_global_statistics_for_the_ablation(workdir):
+    """Table 4's "+C": the class-wise jobs (one class each, its own seed) matched against the teacher's
+    running statistics, a single row; with --stats class every job has its class's row."""
+    base, ablation = _recipe(), _recipe("recover.stats=global")
+    jobs, global_jobs = recover.plan_jobs(base), recover.plan_jobs(ablation)
+    assert [job.stats_row for job in jobs] == list(range(K)) and [job.stats_row for job in global_jobs] == [0] * K
+    assert [(j.classes, j.seed) for j in jobs] == [(j.classes, j.seed) for j in global_jobs]
+    teacher = models.load_teacher(workdir.teacher, ablation)
+    targets, fingerprint = recover.load_targets(ablation, workdir, teacher, models.model_fingerprint(teacher), "cpu")
+    layers = models.bn_layers(teacher)
+    assert fingerprint is None and targets.mean.shape[0] == 1
+    torch.testing.assert_close(targets.mean[0], torch.cat([bn.running_mean for _, bn in layers]))
+    parser = argparse.ArgumentParser()
+    recover.register(parser.add_subparsers())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["recover", "--stats", "mixed"])
+    assert parser.parse_args(["recover", "--stats", "global"]).stats == "global"

@@ -1,5 +1,6 @@
 """train: parameter groups, schedules, gradient accumulation, compile, resume, back ends."""
 import copy
+import dataclasses
 import json
 import math
 import subprocess
@@ -11,7 +12,7 @@ from torch import nn
 from torchvision.io import write_png
 
 import lpld_kernels
-from lpld import relabel, replay
+from lpld import models, relabel, replay
 from lpld import train as training
 from lpld.data import load_distilled
 from lpld.errors import UserError
@@ -186,40 +187,117 @@ def test_dali_replay_trains_like_torch_replay(tmp_path):
     assert results["dali"]["top1"] == results["torch"]["top1"]
 
 
-def test_torchrun_ranks_split_the_records_and_match_one_process(tmp_path):
-    """2 gloo ranks == one process taking the same two records per step as micro-batches.
-
-    Rank r replays records r, r + 2, ... of the plan and DDP averages the two gradients; one process
-    that concatenates each pair and accumulates over micro-batches of one record computes the same
-    average with the same per-record BatchNorm statistics, so the parameters agree up to float
-    reduction order (buffers differ: DDP keeps rank 0's running statistics).
-    """
-    # 6 records of 2 images: 3 steps of 2 ranks. SGD, because AdamW turns float-order noise in
-    # near-zero gradients into lr-sized steps (as in the DALI test above).
-    extra = ["train.epochs=1", "relabel.batch_size=2", "train.optimizer=sgd"]
-    recipe, workdir = tiny_run(tmp_path, *extra)
+def _torchrun_train(tmp_path, workdir, name, extra, *flags):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lpld",
-               "train", "--workdir", str(workdir.root), "--labels", str(workdir.labels), "--name", "ddp",
-               "--device", "cpu", *[item for override in tiny_overrides(tmp_path, *extra) for item in ("--set", override)]]
+               "train", "--workdir", str(workdir.root), "--labels", str(workdir.labels), "--name", name,
+               "--device", "cpu", *flags,
+               *[item for override in tiny_overrides(tmp_path, *extra) for item in ("--set", override)]]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
 
+
+def _one_process_reference(recipe, workdir, records_per_step, lr_factor=1):
+    """One process stepping once per ``records_per_step`` consecutive records of epoch 0's plan."""
     store = LabelStore.open(workdir.labels)
     dataset = replay.RecordDataset(store, load_distilled(workdir.distilled, 3).images, SIDE, store.meta["mean"],
                                    store.meta["std"])
     torch.manual_seed(recipe.train.seed)
-    model = build_model("resnet10", CLASSES, 3, "3x3s2").train()
-    optimizer = training.build_optimizer(model, recipe.train)
+    model = build_model("resnet10", CLASSES, 3, "3x3s2")
+    model = models.use_ghost_batch_norm(model, recipe.train.bn_batch).train()
+    optimizer = training.build_optimizer(model, dataclasses.replace(recipe.train, lr=recipe.train.lr * lr_factor))
     loss_fn = training.make_loss_fn(model, recipe.train, torch.device("cpu"))
-    plan = training.training_plan(store, recipe.train.seed)(0)
-    for first in range(0, len(plan), 2):
-        pair = [dataset[g] for g in plan[first:first + 2]]
+    plan = training.training_plan(store, recipe.train.seed, recipe.train.full_plan)(0)
+    steps = 0
+    for first in range(0, len(plan), records_per_step):
+        group = [dataset[g] for g in plan[first:first + records_per_step]]
         optimizer.zero_grad()
-        training.accumulate_gradients(loss_fn, torch.cat([b.images for b in pair]), torch.cat([b.logits for b in pair]),
+        training.accumulate_gradients(loss_fn, torch.cat([b.images for b in group]), torch.cat([b.logits for b in group]),
                                       micro_batch=store.meta["batch_size"])
         optimizer.step()
+        steps += 1
+    return model, steps
+
+
+# Both torchrun tests train with SGD, because AdamW turns float-order noise in near-zero gradients
+# into lr-sized steps (as in the DALI test above). float32's KL gradient at T = 20 is good to ~1e-6
+# relative (closed form and autograd alike, against float64), and three steps through BatchNorm on
+# 2-row groups magnify the order noise to ~4e-6: hence atol 1e-5.
+def test_torchrun_ranks_split_each_records_rows_like_one_process_with_ghost_batch_norm(tmp_path):
+    """The default (split rows, upstream's DataParallel semantics): 2 gloo ranks replay every record and
+    take 2 of its 4 rows each, one step per record. One process with train.bn_batch = 2 takes the
+    same steps: parameters and BN running statistics (rank 0's = the first group's) agree, and so
+    does the step count."""
+    extra = ["train.epochs=1", "train.optimizer=sgd"]
+    recipe, workdir = tiny_run(tmp_path, *extra)
+    _torchrun_train(tmp_path, workdir, "ddp", extra)
+    reference, steps = _one_process_reference(recipe.with_overrides(["train.bn_batch=2"]), workdir, 1)
+    store = LabelStore.open(workdir.labels)
+    logged = [json.loads(line) for line in (workdir.student("ddp") / training.METRICS).read_text().splitlines()]
+    assert logged[0]["steps"] == steps == store.batches_per_epoch
     trained = weights(workdir, "ddp")
-    # float32's KL gradient at T = 20 is good to ~1e-6 relative (closed form and autograd alike, against
-    # float64), and three steps through BatchNorm on 2-image records magnify the order noise to ~4e-6.
-    for name, parameter in model.named_parameters():
+    for name, value in reference.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(trained[name], value.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_torchrun_split_records_takes_two_records_per_step_at_twice_the_lr(tmp_path):
+    """The opt-in throughput mode: rank r replays records r, r + 2, ... and DDP averages, which equals
+    one process accumulating each pair at twice the lr (linear scaling) with per-record BatchNorm
+    (buffers differ: DDP keeps rank 0's running statistics)."""
+    extra = ["train.epochs=1", "relabel.batch_size=2", "train.optimizer=sgd"]
+    recipe, workdir = tiny_run(tmp_path, *extra)
+    done = _torchrun_train(tmp_path, workdir, "ddp", extra, "--split", "records")
+    assert "departs from the paper" in done.stderr
+    reference, steps = _one_process_reference(recipe, workdir, 2, lr_factor=2)
+    logged = json.loads((workdir.student("ddp") / training.METRICS).read_text().splitlines()[0])
+    assert logged["steps"] == steps
+    trained = weights(workdir, "ddp")
+    for name, parameter in reference.named_parameters():
         torch.testing.assert_close(trained[name], parameter.detach(), rtol=1e-4, atol=1e-5)
+
+
+
+def test_precision_and_teacher_scale_reach_the_loss():
+    """fp32 by default (no autocast), bf16 only when asked; the teacher scale multiplies the stored
+    logits before the temperature (IN-21K: 0.8, i.e. a teacher temperature of 25 against 20)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 5))
+    images, stored = torch.randn(4, 3, 2, 2), (3 * torch.randn(4, 5)).half()
+    seen = []
+    model.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    config = get_recipe("imagenet21k", ["train.compile=false"]).train
+    loss = training.make_loss_fn(model, config, torch.device("cpu"))(images, stored)
+    expected = lpld_kernels.soft_kl_div(model(images), stored.float() * 0.8, temperature=20.0)
+    assert seen[0] == torch.float32
+    torch.testing.assert_close(loss, expected)
+    assert not torch.allclose(loss, lpld_kernels.soft_kl_div(model(images), stored, temperature=20.0))
+    bf16 = training.make_loss_fn(model, get_recipe("fmnist", ["train.bf16=true"]).train, torch.device("cpu"))
+    seen.clear()
+    bf16(images, stored)
+    assert seen == [torch.bfloat16]
+
+
+def test_full_labels_plan_is_sampled_with_replacement_or_stored_in_order(tmp_path):
+    recipe, workdir = tiny_run(tmp_path)
+    store = LabelStore.open(workdir.labels)
+    nb = store.batches_per_epoch
+    stored = training.training_plan(store, 0, "stored")
+    assert [stored(e) for e in range(2)] == [list(range(e * nb, (e + 1) * nb)) for e in range(2)]
+    sampled = training.training_plan(store, 0, "sampled")
+    draws = [g for e in range(20) for g in sampled(e)]
+    assert all(len(sampled(e)) == nb for e in range(3)) and set(draws) <= set(store.ids.tolist())
+    assert len(set(draws)) > nb and sampled(3) == sampled(3) and sampled(3) != sampled(4)
+    assert any(len(set(sampled(e))) < nb for e in range(20))  # with replacement: repeats within an epoch
+    with pytest.raises(UserError, match="full_plan"):
+        training.training_plan(store, 0, "shuffled")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.split=halves", "train.split"), ("train.bn_batch=-1", "bn_batch"),
+    ("train.micro_batch=3", "multiple of train.bn_batch"),
+])
+def test_bad_batching_settings_are_user_errors(tmp_path, override, message):
+    recipe, workdir = tiny_run(tmp_path, "train.bn_batch=2", override)
+    with pytest.raises(UserError, match=message):
+        training.train(recipe, workdir, workdir.labels, "bad", "cpu")
