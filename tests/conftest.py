@@ -10,13 +10,6 @@ if not torch.cuda.is_available():
 
 
 
-@pytest.fixture(scope="session")
-def kernel_device() -> torch.device:
-    """Where kernel tests put their tensors: a CUDA device when there is one (compiled Triton),
-    else the CPU (Triton's interpreter)."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def pytest_collection_modifyitems(config, items):
     """``gpu``-marked tests skip cleanly on a machine without CUDA."""
     if torch.cuda.is_available():

@@ -20,10 +20,11 @@ LOSS_RTOL = 1e-4
 GRAD_RTOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 pytestmark = pytest.mark.usefixtures("poisoned_kernel_buffers")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # compiled kernels, or the interpreter
 
 
 def make_logits(rows, classes, student_dtype=torch.float32, teacher_dtype=torch.float16, spread=3.0, seed=0,
-                device="cpu"):
+                device=DEVICE):
     gen = torch.Generator().manual_seed(seed)
     student = (torch.randn(rows, classes, generator=gen) * spread).to(student_dtype)
     teacher = (torch.randn(rows, classes, generator=gen) * spread).to(teacher_dtype)
@@ -52,8 +53,8 @@ def assert_matches_float64(student, teacher, temperature=1.0, scale_t2=False, ba
 @pytest.mark.parametrize("student_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("temperature, scale_t2", [(1.0, False), (20.0, False), (4.0, True)])
-def test_loss_and_grad_match_float64(backend, student_dtype, teacher_dtype, temperature, scale_t2, kernel_device):
-    student, teacher = make_logits(6, 37, student_dtype, teacher_dtype, device=kernel_device)
+def test_loss_and_grad_match_float64(backend, student_dtype, teacher_dtype, temperature, scale_t2):
+    student, teacher = make_logits(6, 37, student_dtype, teacher_dtype)
     assert_matches_float64(student, teacher, temperature, scale_t2, backend)
 
 
@@ -163,7 +164,7 @@ def test_strided_rows_are_read_in_place():
 
 
 def test_reference_passes_gradcheck():
-    student, teacher = make_logits(3, 7, torch.float64, torch.float64)
+    student, teacher = make_logits(3, 7, torch.float64, torch.float64, device="cpu")
     torch.autograd.gradcheck(
         lambda s: soft_kl_div_reference(s, teacher, 3.0, True), student.requires_grad_()
     )
@@ -188,8 +189,8 @@ def test_custom_op_passes_opcheck(use_triton):
 def test_compiled_student_has_no_graph_break(backend):
     """A compiled model + loss calls the op in one graph; loss and weight gradient equal eager."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
-    images, teacher = torch.randn(4, 8), torch.randn(4, 10).half()
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10)).to(DEVICE)
+    images, teacher = torch.randn(4, 8, device=DEVICE), torch.randn(4, 10, device=DEVICE).half()
 
     def step(x, t):
         return lpld_kernels.soft_kl_div(model(x), t, temperature=20.0, backend=backend)
