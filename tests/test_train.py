@@ -2,6 +2,7 @@
 import copy
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -221,3 +222,13 @@ def test_torchrun_ranks_split_the_records_and_match_one_process(tmp_path):
     trained = weights(workdir, "ddp")
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(trained[name], parameter.detach(), rtol=1e-4, atol=1e-6)
+
+
+def test_progress_bar_shows_the_logged_loss_with_significant_digits(tmp_path, capfd):
+    # T = 20 makes the batchmean KL tiny; the bar must still show it, to 4 significant digits
+    recipe, workdir = tiny_run(tmp_path, "train.temperature=20")
+    training.train(recipe, workdir, workdir.labels, "bar", "cpu")
+    shown = [float(value) for value in re.findall(r"loss=([-+0-9.e]+)", capfd.readouterr().err)]
+    logged = [json.loads(line)["loss"] for line in (workdir.student("bar") / training.METRICS).read_text().splitlines()]
+    assert logged and all(value > 0 for value in logged)
+    assert shown and shown[-1] == pytest.approx(logged[-1], rel=1e-3)
