@@ -24,12 +24,12 @@ from lpld.workdir import WorkDir
 CLASSES, SIDE, IPC = 3, 16, 4
 
 
-def write_folder(root, images_per_class, seed):
+def write_folder(root, images_per_class, seed, classes=CLASSES, channels=3, side=SIDE):
     generator = torch.Generator().manual_seed(seed)
-    for c in range(CLASSES):
+    for c in range(classes):
         (root / f"c{c:05d}").mkdir(parents=True)
         for i in range(images_per_class):
-            write_png(torch.randint(0, 256, (3, SIDE, SIDE), dtype=torch.uint8, generator=generator),
+            write_png(torch.randint(0, 256, (channels, side, side), dtype=torch.uint8, generator=generator),
                       str(root / f"c{c:05d}" / f"c{c:05d}_i{i:04d}.png"))
 
 
