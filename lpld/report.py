@@ -38,8 +38,8 @@ body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; mar
        padding: 0 16px; color: #1b1b1b; line-height: 1.45; }
 h1 { font-size: 26px; } h2 { font-size: 21px; border-bottom: 1px solid #ccc; padding-bottom: 4px; margin-top: 36px; }
 table { border-collapse: collapse; margin: 10px 0; }
-th, td { border: 1px solid #ccc; padding: 4px 10px; text-align: right; vertical-align: middle; }
-th { background: #f0f0f0; } td:first-child, th:first-child { text-align: left; }
+th, td { border: 1px solid #ccc; padding: 4px 10px; text-align: left; vertical-align: middle; }
+th { background: #f0f0f0; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.picture { text-align: left; padding: 4px; }
 img { max-width: 100%; }
 img.pixels { image-rendering: pixelated; max-width: none; }
@@ -101,7 +101,8 @@ class Page:
             if isinstance(cell, Picture):
                 css = " class=\"pixels\"" if cell.pixels else ""
                 return f"<{tag} class=\"picture\"><img{css} src=\"{html.escape(cell.file)}\" alt=\"{html.escape(cell.alt)}\"></{tag}>"
-            return f"<{tag}>{html.escape(str(cell))}</{tag}>"
+            css = ' class="num"' if tag == "td" and re.match(r"[-+]?[0-9]", str(cell)) else ""
+            return f"<{tag}{css}>{html.escape(str(cell))}</{tag}>"
 
         def md_cell(cell):
             text = f"![{cell.alt}]({cell.file})" if isinstance(cell, Picture) else str(cell)

@@ -1,6 +1,8 @@
 """lpld report: a page of what a work directory holds, checked against the files it was made from."""
 import json
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,3 +184,44 @@ def test_large_sets_show_a_spread_subset_or_the_chosen_classes(tmp_path):
     assert [grid["folder"] for grid in report_data(workdir)["distilled"]["grids"]] == ["c00003", "c00017"]
     with pytest.raises(UserError, match="--classes"):
         reporting.write_report(workdir, classes="Zebra")
+
+
+# ---------------------------------------------------------------- the benchmark page and the README's table
+
+def test_the_readmes_benchmark_table_is_generated_from_the_committed_results():
+    from benchmarks import report as bench
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert bench.readme_table(readme) == bench.markdown_table(bench.load_results()), \
+        "README's benchmark table is stale: run `python -m benchmarks.report --readme`"
+
+
+def test_benchmark_page_plots_the_results_with_a_column_per_machine(tmp_path, capsys):
+    from benchmarks import report as bench
+
+    results = tmp_path / "results"
+    shutil.copytree(bench.RESULTS_DIR, results)
+    gpu = json.loads((results / "kernels-cpu-2c.json").read_text())
+    for row in gpu["results"]:
+        row["speedup_vs_eager"] *= 2
+    (results / "kernels-nvidia-h100.json").write_text(json.dumps(gpu))
+    assert bench.main(["--results", str(results), "--out", str(tmp_path / "page")]) == 0
+    assert "report:" in capsys.readouterr().out
+    data = json.loads((tmp_path / "page" / "report.json").read_text())
+    kernels = data["sections"]["kernels.png"]["series"]
+    assert list(kernels) == ["cpu-2c", "nvidia-h100"]
+    for machine, factor in (("cpu-2c", 1), ("nvidia-h100", 2)):
+        source = json.loads((bench.RESULTS_DIR / "kernels-cpu-2c.json").read_text())["results"]
+        assert kernels[machine] == {f"{row['case']}, {row['provider']}": pytest.approx(row["speedup_vs_eager"] * factor)
+                                    for row in source if row["provider"] != "eager"}
+    train = json.loads((bench.RESULTS_DIR / "train-cpu-2c.json").read_text())["results"]
+    loaders = data["sections"]["loaders.png"]
+    assert loaders["series"]["cpu-2c"] == {row["provider"]: row["images_per_sec"] for row in train}
+    assert loaders["reference"]["cpu-2c"] == next(row["images_per_sec"] for row in train if row["provider"] == "resident")
+    table = bench.markdown_table(bench.load_results(results))
+    assert table.splitlines()[0] == "| suite | what | cpu-2c | nvidia-h100 |"
+    assert "| train | student step, dali loader | 218 img/s (0.87x resident) | - |" in table
+    figure = bench.bars_figure(kernels, "x")
+    assert len(figure.axes) == 2 and [p.get_width() for p in figure.axes[1].patches] == list(kernels["nvidia-h100"].values())
+    page = (tmp_path / "page" / "index.html").read_text()
+    assert all((tmp_path / "page" / name).is_file() for name in re.findall(r'src="([^"]+)"', page))
