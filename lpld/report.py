@@ -307,7 +307,15 @@ def distilled_section(page: Page, workdir: WorkDir, classes: str | None, compare
     if not sets:
         page.lack(f"distilled images ({workdir.distilled})", "run `lpld recover` (or `lpld run`)")
         return {}
-    listings = {s.name: distilled_listing(s.path) for s in sets}
+    listings = {}
+    for s in list(sets):
+        try:
+            listings[s.name] = distilled_listing(s.path)
+        except UserError as error:  # e.g. an interrupted recover: say so, show the other sets
+            page.lack(f"a complete image set in {s.path} ({error})", "finish it with `lpld recover`")
+            sets.remove(s)
+    if not sets:
+        return {}
     main = sets[0]
     folders = list(listings[main.name])
     names = class_names(main.manifest, folders)

@@ -165,6 +165,10 @@ def test_missing_pieces_are_named_not_raised(tmp_path, capsys):
     assert "Missing from this work directory" in page and "lpld analyze diversity" in page
     assert "grid-class-wise-c00000.png" in page  # what exists is still shown
 
+    (workdir.distilled / "c00002").mkdir()  # recover interrupted before this class's images
+    reporting.write_report(workdir)
+    assert "c00002 is empty" in "\n".join(report_data(workdir)["missing"])
+
     empty = WorkDir(tmp_path / "empty")
     empty.root.mkdir()
     assert main(["report", "--workdir", str(empty.root)]) == 0
