@@ -92,8 +92,9 @@ class Page:
     def lack(self, what: str, how: str) -> None:
         """Say in place that a piece is missing and how to make it; also listed at the top."""
         self.missing.append(f"{what}: {how}")
-        self.html.append(f"<p class=\"missing\">Missing: {html.escape(what)}. {_code(how)}</p>")
-        self.md.append(f"> Missing: {what}. {how}")
+        how = how[:1].upper() + how[1:]
+        self.html.append(f"<p class=\"missing\">Missing: {html.escape(what)}. {_code(how)}.</p>")
+        self.md.append(f"> Missing: {what}. {how}.")
 
     def table(self, header: list[str], rows: list[list]) -> None:
         """Cells are text or ``Picture``; numbers should come formatted."""
@@ -486,7 +487,7 @@ def stages_section(page: Page, run_summary: dict | None, finished: list[dict]) -
     rows += [[f"student {s['name']}", f"{s['top1']:.2f}", f"{s['top5']:.2f}", f"{s['label_bytes']:,d}",
               format_bytes(s["label_bytes"]), f"{s['compression_factor']:.1f}x"] for s in finished]
     if rows:
-        page.table(["network", "top-1 %", "top-5 %", "label bytes", "", "compression"], rows)
+        page.table(["network", "top-1 %", "top-5 %", "label bytes", "size", "compression"], rows)
     if not run_summary or "stages" not in run_summary:
         page.lack("stage times and teacher accuracy (summary.json)", "written at the end of `lpld run`")
         return
@@ -575,7 +576,8 @@ def write_report(workdir: WorkDir, classes: str | None = None, compare: list = (
     diversity_section(page, workdir, names)
     stages_section(page, run_summary, finished)
     for name in unfinished:
-        page.lack(f"student {name} has not finished", f"continue it with `lpld train --resume --name {name}`")
+        page.lack(f"student {name} has not finished",
+                  f"rerun `lpld run`, or `lpld train --resume --name {name} --labels LABELS`")
     curves_section(page, workdir)
     return page.write()
 
