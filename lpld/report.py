@@ -34,14 +34,14 @@ SUBSET_CLASSES = 10
 MAX_SHOWN_IMAGES = 50  # per class and set
 
 CSS = """
-body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px auto; max-width: 1500px;
-       padding: 0 16px; color: #1b1b1b; line-height: 1.45; }
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 16px auto; max-width: 1500px;
+       padding: 0 8px; color: #1b1b1b; line-height: 1.45; }
 h1 { font-size: 26px; } h2 { font-size: 21px; border-bottom: 1px solid #ccc; padding-bottom: 4px; margin-top: 36px; }
 table { border-collapse: collapse; margin: 10px 0; }
-th, td { border: 1px solid #ccc; padding: 4px 10px; text-align: left; vertical-align: middle; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: middle; }
 th { background: #f0f0f0; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-td.picture { text-align: left; padding: 4px; }
-img { max-width: 100%; }
+td.picture { text-align: left; padding: 1px; line-height: 0; }
+img { max-width: 100%; } .scroll { overflow-x: auto; }
 img.pixels { image-rendering: pixelated; max-width: none; }
 .missing { background: #fff4d6; border: 1px solid #e0c060; padding: 8px 14px; }
 .note { color: #555; font-size: 14px; }
@@ -109,9 +109,9 @@ class Page:
             text = f"![{cell.alt}]({cell.file})" if isinstance(cell, Picture) else str(cell)
             return text.replace("|", "\\|")
 
-        lines = ["<table>", "<tr>" + "".join(html_cell(cell, "th") for cell in header) + "</tr>"]
+        lines = ["<div class=\"scroll\"><table>", "<tr>" + "".join(html_cell(cell, "th") for cell in header) + "</tr>"]
         lines += ["<tr>" + "".join(html_cell(cell, "td") for cell in row) + "</tr>" for row in rows]
-        self.html.append("\n".join(lines + ["</table>"]))
+        self.html.append("\n".join(lines + ["</table></div>"]))
         self.md.append("\n".join([f"| {' | '.join(md_cell(c) for c in header)} |",
                                   "|" + "---|" * len(header),
                                   *(f"| {' | '.join(md_cell(c) for c in row)} |" for row in rows)]))
@@ -377,29 +377,35 @@ def students(workdir: WorkDir) -> tuple[list[dict], list[str]]:
 def accuracy_figure(series: dict):
     """top-1 against label bytes (log x): ours annotated with the compression factor, the paper's beside."""
     plt = pyplot()
-    figure, axis = plt.subplots(figsize=(9, 5.5))
-    ours = series["students"]
+    figure, axis = plt.subplots(figsize=(10, 5.5))
+    ours, paper = series["students"], series["paper"]
+    xs = [p["label_bytes"] for p in ours + paper]
+    low, high = min(xs), max(xs)
+    middle = math.sqrt(low * high)
+
+    def label(text, x, y, color, dy):  # right of the point in the left half, left of it in the right half
+        right_half = x > middle
+        axis.annotate(text, (x, y), textcoords="offset points", xytext=(-8 if right_half else 8, dy),
+                      ha="right" if right_half else "left", fontsize=11, color=color)
+
     axis.scatter([p["label_bytes"] for p in ours], [p["top1"] for p in ours], s=60, color="tab:blue",
                  zorder=3, label="students of this run")
     for p in ours:
-        axis.annotate(f"{p['name']}  {p['compression_factor']:g}x", (p["label_bytes"], p["top1"]),
-                      textcoords="offset points", xytext=(8, 6), fontsize=11)
-    paper = series["paper"]
+        label(f"{p['name']}: {p['compression_factor']:g}x, {format_bytes(p['label_bytes'])}, {p['top1']:.2f}%",
+              p["label_bytes"], p["top1"], "black", 7)
     if paper:
         axis.scatter([p["label_bytes"] for p in paper], [p["top1"] for p in paper], s=60, marker="s",
                      color="tab:orange", zorder=3, label="paper (LPLD README)")
         for p in paper:
-            axis.annotate(f"{p['label']}", (p["label_bytes"], p["top1"]), textcoords="offset points",
-                          xytext=(8, -14), fontsize=10, color="tab:orange")
+            label(f"{p['label']}, {p['top1']:g}%", p["label_bytes"], p["top1"], "tab:orange", -15)
     if series.get("teacher") is not None:
         axis.axhline(series["teacher"], color="gray", linestyle="--", label=f"teacher {series['teacher']:.2f}%")
     axis.set_xscale("log")
-    xs = [p["label_bytes"] for p in ours + paper]
-    axis.set_xlim(min(xs) / 3, max(xs) * 4)
+    axis.set_xlim(low / 4, high * 4)
     axis.set_xlabel("label bytes on disk (log scale)", fontsize=12)
     axis.set_ylabel("top-1 on the real validation split (%)", fontsize=12)
     axis.grid(True, which="both", alpha=0.3)
-    axis.legend(loc="lower right", fontsize=10)
+    axis.legend(loc="lower right", fontsize=11)
     figure.tight_layout()
     return figure
 
@@ -434,17 +440,17 @@ def diversity_figure(series: dict[str, dict], names: dict[str, str]):
     plt = pyplot()
     classes = list(dict.fromkeys(folder for result in series.values() for folder in result["per_class"]))
     width = 0.8 / max(len(series), 1)
-    figure, axis = plt.subplots(figsize=(max(8, 0.9 * len(classes) * max(len(series), 1) / 2 + 3), 5))
+    figure, axis = plt.subplots(figsize=(min(11, 0.3 * len(classes) * len(series) + 4), 5))
     for i, (name, result) in enumerate(series.items()):
         positions = [c + (i - (len(series) - 1) / 2) * width for c in range(len(classes))]
         values = [result["per_class"].get(folder, float("nan")) for folder in classes]
         axis.bar(positions, values, width, label=f"{name} (mean {result['mean_cosine']:.3f})")
     axis.set_xticks(range(len(classes)), [names.get(folder, folder) for folder in classes], rotation=30, ha="right",
-                    fontsize=11)
+                    fontsize=12)
     axis.set_ylabel("mean within-class cosine similarity", fontsize=12)
     low = min(v for result in series.values() for v in result["per_class"].values())
     axis.set_ylim(max(0.0, low - 0.1), 1.0)
-    axis.legend(fontsize=10)
+    axis.legend(fontsize=11, ncol=len(series), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     axis.grid(True, axis="y", alpha=0.3)
     figure.tight_layout()
     return figure
