@@ -15,6 +15,7 @@ RUNTIME = [
     "numpy>=2.0,<3",
     "safetensors>=0.4,<1",
     "tqdm>=4.66,<5",
+    "matplotlib==3.11.2",  # report plots (Agg backend, no display)
 ]
 TEST = ["pytest>=8,<10", "pytest-benchmark>=5,<6", "hypothesis>=6.100,<7"]
 

@@ -95,17 +95,36 @@ def register(subparsers) -> None:
     similarity.add_argument("path", help="an ImageFolder of same-size images (e.g. RUN/distilled)")
     add_recipe_arguments(similarity)
     similarity.add_argument("--teacher", default=None, help="teacher weights (default: the work directory's)")
+    similarity.add_argument("--name", default=None,
+                            help="name of the analysed set in the work directory's analysis/diversity-NAME.json "
+                                 "(default: the batching in PATH/manifest.json, else PATH's folder name)")
     similarity.add_argument("--json", default=None, help="also write the report to this JSON file")
     similarity.set_defaults(func=_diversity_main)
 
 
+def set_name(path: str | Path) -> str:
+    """What an analysed folder is: the batching its recover manifest records (class-wise,
+    across-class), else the folder's own name (e.g. a folder of real images)."""
+    manifest = Path(path) / "manifest.json"
+    if manifest.is_file():
+        batching = json.loads(manifest.read_text()).get("batching")
+        if batching:
+            return batching
+    return Path(path).resolve().name
+
+
 def _diversity_main(args: argparse.Namespace) -> None:
     recipe = recipe_from_args(args)
-    teacher = args.teacher or WorkDir.for_recipe(args.workdir, recipe.name).teacher
+    workdir = WorkDir.for_recipe(args.workdir, recipe.name)
+    teacher = args.teacher or workdir.teacher
     report = diversity(args.path, recipe, teacher, distributed.device(args.device))
     for name, value in report.per_class.items():
         print(f"{name}\t{value:.4f}")
     print(f"diversity: mean within-class cosine similarity {report.mean:.4f} over {len(report.per_class)} classes "
           f"({args.path})")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=1))
+    name = args.name or set_name(args.path)
+    document = json.dumps({"name": name, "path": str(args.path), **report.to_dict()}, indent=1)
+    for target in (workdir.diversity(name), *([Path(args.json)] if args.json else [])):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(document)
+    print(f"diversity: written to {workdir.diversity(name)} (read by `lpld report`)")

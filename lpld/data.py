@@ -229,19 +229,27 @@ def _listing_fingerprint(files: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_distilled(path: str | Path, channels: int) -> DistilledImages:
-    """Decode a synthetic ImageFolder once: sorted class folders, sorted files, one uint8 tensor."""
+def distilled_listing(path: str | Path) -> dict[str, list[str]]:
+    """Sorted class folder -> its sorted image files, for a synthetic ImageFolder (nothing decoded)."""
     root = Path(path)
     if not root.is_dir():
         raise UserError(f"distilled image folder {root} does not exist: run `lpld recover` first")
-    classes = _class_folders(root)
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        found = _image_files(root / name)
+    listing = {name: _image_files(root / name) for name in _class_folders(root)}
+    for name, found in listing.items():
         if not found:
             raise UserError(f"distilled class folder {root / name} is empty: rerun `lpld recover`")
-        files += [f"{name}/{f}" for f in found]
-        labels += [label] * len(found)
+    return listing
+
+
+def load_distilled(path: str | Path, channels: int) -> DistilledImages:
+    """Decode a synthetic ImageFolder once: sorted class folders, sorted files, one uint8 tensor."""
+    root = Path(path)
+    listing = distilled_listing(root)
+    classes = list(listing)
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        files += [f"{name}/{f}" for f in listing[name]]
+        labels += [label] * len(listing[name])
     decoded = [decode_file(str(root / f), channels) for f in files]
     sizes = sorted({tuple(image.shape) for image in decoded})
     if len(sizes) != 1:

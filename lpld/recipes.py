@@ -269,6 +269,40 @@ RECIPES: dict[str, Recipe] = {
     ),
 }
 
+# The paper's headline results, as printed in the original project's README ("Previous Soft Labels
+# vs Ours"; SPEC.md section 7), ResNet-18 students, top-1 %. Per row: recipe, IPC, the previous
+# methods' full label size and accuracy, LPLD's 40x label size and accuracy. The README's "GB" and
+# "MB" are GiB and MiB (SPEC.md section 8). No other paper numbers are sourced here, so none are drawn.
+PAPER_HEADLINE = (
+    ("imagenet1k", 10, "5.67 GB", 20.1, "0.14 GB", 20.2),
+    ("imagenet1k", 20, "11.33 GB", 33.6, "0.29 GB", 33.0),
+    ("imagenet1k", 50, "28.33 GB", 46.8, "0.71 GB", 46.7),
+    ("imagenet1k", 100, "56.66 GB", 52.8, "1.43 GB", 54.0),
+    ("imagenet1k", 200, "113.33 GB", 57.0, "2.85 GB", 59.6),
+    ("tiny", 50, "449 MB", 41.1, "11 MB", 38.4),
+    ("tiny", 100, "898 MB", 49.7, "22 MB", 46.1),
+    ("imagenet21k", 10, "643 GB", 18.5, "16 GB", 21.3),
+    ("imagenet21k", 20, "1286 GB", 20.5, "32 GB", 29.4),
+)
+PAPER_SOURCE = "LPLD README, \"Previous Soft Labels vs Ours\" (ResNet-18 students; GB = GiB)"
+
+
+def paper_points(recipe_name: str | None, ipc: int | None = None) -> list[dict]:
+    """The headline points of ``recipe_name`` (those at ``ipc`` when the table has it, else all of
+    them) as {label, ipc, compression_factor, label_bytes, top1} for drawing beside a run's students."""
+    rows = [row for row in PAPER_HEADLINE if row[0] == recipe_name]
+    if any(row[1] == ipc for row in rows):
+        rows = [row for row in rows if row[1] == ipc]
+    unit = {"GB": 1024**3, "MB": 1024**2}
+    points = []
+    for _, row_ipc, previous_size, previous_top1, ours_size, ours_top1 in rows:
+        for label, size, top1, factor in (("previous, full labels", previous_size, previous_top1, 1.0),
+                                          ("LPLD 40x", ours_size, ours_top1, 40.0)):
+            number, suffix = size.split()
+            points.append({"label": f"paper IPC{row_ipc} {label}", "ipc": row_ipc, "compression_factor": factor,
+                           "label_bytes": float(number) * unit[suffix], "top1": top1})
+    return points
+
 
 def get_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
     if name not in RECIPES:

@@ -1,10 +1,11 @@
 """``lpld run``: the whole pipeline in one work directory, resuming whatever an earlier run left.
 
 squeeze -> stats -> recover -> relabel -> prune -> train (full labels, and pruned at
-recipe.prune.ratio) -> eval. Every stage skips or resumes on its own artifact, so rerunning the
-command after an interruption continues where it stopped. The closing table puts the teacher's
-accuracy next to both students', with the label bytes, the compression factor and each stage's
-throughput and wall time (also written to ``WorkDir.summary``).
+recipe.prune.ratio) -> eval -> report (WORKDIR/report/index.html, whose path it prints last).
+Every stage skips or resumes on its own artifact, so rerunning the command after an interruption
+continues where it stopped. The closing table puts the teacher's accuracy next to both students',
+with the label bytes, the compression factor and each stage's throughput and wall time (also
+written to ``WorkDir.summary``).
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def student_name(ratio: float) -> str:
 
 def run(recipe: Recipe, workdir: WorkDir, device: torch.device | str | None = None) -> dict:
     """Run (or finish) every stage; return the summary also written to ``workdir.summary``."""
-    from . import evaluate, labels, prune, recover, relabel, squeeze, stats, train
+    from . import evaluate, labels, prune, recover, relabel, report, squeeze, stats, train
 
     wall_start = time.perf_counter()
     distributed.init()
@@ -85,33 +86,34 @@ def run(recipe: Recipe, workdir: WorkDir, device: torch.device | str | None = No
         *(Stage(f"train {name}", lambda name=name: (workdir.student(name) / train.SUMMARY).is_file(),
                 lambda name=name: train_student(name), lambda name=name: None) for name in students),
     ]
-    report = []
+    stage_rows = []
     for stage in stages:
         reused, start = stage.done(), time.perf_counter()
         stage.work()
         distributed.barrier()
         seconds = time.perf_counter() - start
         images = None if reused else stage.images()
-        report.append({"stage": stage.name, "reused": reused, "seconds": seconds, "unit": stage.unit,
+        stage_rows.append({"stage": stage.name, "reused": reused, "seconds": seconds, "unit": stage.unit,
                        "images_per_sec": images / seconds if images else None})
-    for row in report:
+    for row in stage_rows:
         if row["stage"].startswith("train ") and not row["reused"]:
             row["images_per_sec"] = results[row["stage"][len("train "):]]["images_per_sec"]
 
     start = time.perf_counter()
     teacher = evaluate.evaluate(evaluate.load_network(workdir.teacher, device), recipe.data, device)
     seconds = time.perf_counter() - start
-    report.append({"stage": "eval teacher", "reused": False, "seconds": seconds, "unit": "img/s",
+    stage_rows.append({"stage": "eval teacher", "reused": False, "seconds": seconds, "unit": "img/s",
                    "images_per_sec": teacher["images"] / seconds})
     summary = {
         "recipe": recipe.name, "workdir": str(workdir.root), "wall_seconds": time.perf_counter() - wall_start,
         "teacher": {"top1": teacher["top1"], "top5": teacher["top5"]},
         "students": [{**results[name], "ratio": float(name[1:])} for name in students],
-        "stages": report,
+        "stages": stage_rows,
     }
     if distributed.is_main():
         workdir.summary.write_text(json.dumps(summary, indent=1))
         print(format_summary(summary))
+        print(f"\nreport: {report.write_report(workdir)}")
     return summary
 
 

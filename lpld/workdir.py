@@ -39,3 +39,15 @@ class WorkDir:
     @property
     def summary(self) -> Path:
         return self.root / "summary.json"
+
+    @property
+    def analysis(self) -> Path:
+        """Analysis results (``lpld analyze``), one JSON per analysed set."""
+        return self.root / "analysis"
+
+    def diversity(self, name: str) -> Path:
+        return self.analysis / f"diversity-{name}.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"

@@ -10,6 +10,7 @@ import torchvision
 from lpld import analyze, models
 from lpld.errors import UserError
 from lpld.recipes import get_recipe
+from lpld.workdir import WorkDir
 
 
 def _numpy_within_class(features: np.ndarray, labels: np.ndarray) -> dict[int, float]:
@@ -77,11 +78,15 @@ def test_command_prints_and_writes_the_report(teacher_and_folder, capsys):
     analyze.register(parser.add_subparsers())
     args = parser.parse_args(["analyze", "diversity", str(root / "distilled"), "--set", "data.num_classes=3",
                               "--set", "data.resolution=16", "--teacher", str(root / "teacher.safetensors"),
-                              "--json", str(root / "report.json"), "--device", "cpu"])
+                              "--json", str(root / "report.json"), "--device", "cpu", "--workdir", str(root)])
     args.func(args)
     report = json.loads((root / "report.json").read_text())
     assert f"{report['mean_cosine']:.4f}" in capsys.readouterr().out
     assert sorted(report["per_class"]) == ["c00000", "c00001", "c00002"]
+    # the work directory keeps a copy for `lpld report`, named after the folder (no recover manifest here)
+    assert report["name"] == "distilled" and json.loads(WorkDir(root).diversity("distilled").read_text()) == report
+    (root / "distilled" / "manifest.json").write_text(json.dumps({"batching": "across-class"}))
+    assert analyze.set_name(root / "distilled") == "across-class"
 
 
 def test_a_model_without_classifier_is_refused():

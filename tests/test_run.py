@@ -26,6 +26,8 @@ def test_run_chains_every_stage_then_reuses_them(tmp_path, capsys):
     summary = json.loads(workdir.summary.read_text())
     table = capsys.readouterr().out
     assert "teacher" in table and "student r0.75 (4x)" in table
+    assert table.rstrip().endswith(f"report: {workdir.report / 'index.html'}")
+    assert json.loads((workdir.report / "report.json").read_text())["accuracy"]["teacher"] == summary["teacher"]["top1"]
 
     stages = [row["stage"] for row in summary["stages"]]
     assert stages == ["squeeze", "stats", "recover", "relabel", "prune", "train r0", "train r0.75", "eval teacher"]

@@ -3,6 +3,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -24,12 +25,12 @@ from lpld.workdir import WorkDir
 CLASSES, SIDE, IPC = 3, 16, 4
 
 
-def write_folder(root, images_per_class, seed):
+def write_folder(root, images_per_class, seed, classes=CLASSES, channels=3, side=SIDE):
     generator = torch.Generator().manual_seed(seed)
-    for c in range(CLASSES):
+    for c in range(classes):
         (root / f"c{c:05d}").mkdir(parents=True)
         for i in range(images_per_class):
-            write_png(torch.randint(0, 256, (3, SIDE, SIDE), dtype=torch.uint8, generator=generator),
+            write_png(torch.randint(0, 256, (channels, side, side), dtype=torch.uint8, generator=generator),
                       str(root / f"c{c:05d}" / f"c{c:05d}_i{i:04d}.png"))
 
 
@@ -301,3 +302,13 @@ def test_bad_batching_settings_are_user_errors(tmp_path, override, message):
     recipe, workdir = tiny_run(tmp_path, "train.bn_batch=2", override)
     with pytest.raises(UserError, match=message):
         training.train(recipe, workdir, workdir.labels, "bad", "cpu")
+
+
+def test_progress_bar_shows_the_logged_loss_with_significant_digits(tmp_path, capfd):
+    # T = 20 makes the batchmean KL tiny; the bar must still show it, to 4 significant digits
+    recipe, workdir = tiny_run(tmp_path, "train.temperature=20")
+    training.train(recipe, workdir, workdir.labels, "bar", "cpu")
+    shown = [float(value) for value in re.findall(r"loss=([-+0-9.e]+)", capfd.readouterr().err)]
+    logged = [json.loads(line)["loss"] for line in (workdir.student("bar") / training.METRICS).read_text().splitlines()]
+    assert logged and all(value > 0 for value in logged)
+    assert shown and shown[-1] == pytest.approx(logged[-1], rel=1e-3)

@@ -1,0 +1,1 @@
+"""Benchmark suites (pytest-benchmark) and their report, ``python -m benchmarks.report``."""
