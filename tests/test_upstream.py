@@ -132,17 +132,18 @@ class _Plain:
 
 
 @pytest.mark.parametrize("payload", ["bomb", "instance"])
-def test_code_in_a_file_is_refused_and_never_runs(tmp_path, payload):
+def test_code_in_a_file_is_refused_and_never_runs(tmp_path, imported_images, payload):
+    recipe, workdir, _ = imported_images("imagenet1k")
     marker = tmp_path / "ran"
     evil = _Bomb(marker) if payload == "bomb" else _Plain()
     torch.save({"model": {"conv1.weight": torch.zeros(1)}, "epoch": evil}, tmp_path / "teacher.pth")
     os.makedirs(tmp_path / "labels" / "epoch_0")
-    torch.save([torch.zeros(2, 4), torch.zeros(2, dtype=torch.bool), None, None, evil, torch.zeros(2, 5)],
-               tmp_path / "labels" / "epoch_0" / "batch_0.tar")
+    torch.save([torch.zeros(BATCH, 4), torch.zeros(BATCH, dtype=torch.bool), None, None, evil,
+                torch.zeros(BATCH, CLASSES)], tmp_path / "labels" / "epoch_0" / "batch_0.tar")
     with pytest.raises(UserError, match="something other than tensors and plain values"):
-        upstream.import_teacher(tmp_path / "teacher.pth", recipe_for("imagenet1k"), WorkDir(tmp_path / "run"))
+        upstream.import_teacher(tmp_path / "teacher.pth", recipe, workdir)
     with pytest.raises(UserError, match="something other than tensors and plain values"):
-        upstream.load_plain(tmp_path / "labels" / "epoch_0" / "batch_0.tar", upstream._numpy_int64_globals())
+        upstream.import_labels(tmp_path / "labels", recipe, workdir)
     assert not marker.exists()
 
 
@@ -393,3 +394,34 @@ def test_cli_and_a_recorded_order_that_differs(tmp_path, capsys):
     assert store.record(2).img_idx.tolist() == recorded["1"][:BATCH]
     assert cli.main(["import", "labels", str(tmp_path / "fkd"), *common]) == 2
     assert "already holds a label store" in capsys.readouterr().err
+
+
+def test_recover_and_train_run_on_imported_artifacts(tmp_path, imported_images, one_thread):
+    """The imported statistics drive `lpld recover`; the imported labels train a student."""
+    for split, count in (("train", 1), ("val", 2)):
+        write_upstream_images(tmp_path / "real" / split, CLASSES, count)
+        for c in range(CLASSES):
+            os.rename(tmp_path / "real" / split / f"new{c:03d}", tmp_path / "real" / split / f"k{c}")
+    recipe, workdir, _ = imported_images(
+        "imagenet1k", "relabel.mix=cutmix", f"data.root={tmp_path / 'real'}", "data.eval_resize=none",
+        "data.eval_crop=none", "model.arch=resnet10", "model.stem=3x3s2", "train.epochs=1", "train.compile=false",
+        "train.loader=torch", "train.workers=0", "recover.ipc=2", "recover.iterations=2")
+    model = models.build_model("resnet10", CLASSES, stem="3x3s2")
+    state = random_state(model, torch.Generator().manual_seed(4))
+    for name, bn in models.bn_layers(model):
+        state[f"{name}.class_running_mean"] = torch.zeros(CLASSES, bn.num_features)
+        state[f"{name}.class_running_var"] = torch.ones(CLASSES, bn.num_features)
+    torch.save({"model": state}, tmp_path / "teacher.pth")
+    upstream.import_teacher(tmp_path / "teacher.pth", recipe, workdir)
+    write_upstream_labels(tmp_path / "fkd", torch.float16, mix=True, cutout=False, seed=10)
+    labels = upstream.import_labels(tmp_path / "fkd", recipe, workdir)
+
+    summary = train.train(recipe, workdir, labels, "upstream", "cpu")
+    assert summary and (workdir.student("upstream")).is_dir()
+
+    fresh = WorkDir(tmp_path / "fresh")
+    fresh.root.mkdir()
+    for file in (workdir.teacher, workdir.stats):
+        (fresh.root / file.name).write_bytes(file.read_bytes())
+    recover.recover(recipe, fresh, "cpu", show_progress=False)
+    assert len(load_distilled(fresh.distilled, 3).images) == CLASSES * 2
