@@ -210,11 +210,12 @@ def test_import_images_copies_upstream_folders(tmp_path):
 CLASSES, IPC, BATCH, EPOCHS = 5, 2, 4, 2  # N = 10: two full batches and a partial one of 2 per epoch
 
 
-def reference_orders(num_images: int, batch: int, epochs: int) -> list[list[list[int]]]:
-    """The indices upstream's own DataLoader hands out, batch by batch (what its files go with)."""
+def reference_orders(num_images: int, batch: int, epochs: int, drop_last: bool = False) -> list[list[list[int]]]:
+    """The indices upstream's own DataLoader hands out, batch by batch (what its files go with);
+    it drops the last partial batch in its --prune_ratio runs."""
     dataset = torch.utils.data.TensorDataset(torch.arange(num_images))
     sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(42))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=drop_last)
     return [[indices.tolist() for (indices,) in loader] for _ in range(epochs)]
 
 
@@ -225,14 +226,12 @@ def write_upstream_labels(root: Path, dtype: torch.dtype, mix: bool, cutout: boo
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     written, count = {}, 0
-    for epoch, batches in enumerate(reference_orders(CLASSES * IPC, BATCH, EPOCHS)):
+    for epoch, batches in enumerate(reference_orders(CLASSES * IPC, BATCH, EPOCHS, drop_last=records is not None)):
         (root / f"epoch_{epoch}").mkdir(parents=True)
         for b, indices in enumerate(batches):
             if records is not None and count == records:
                 return written
             n = len(indices)
-            if records is not None and n < BATCH:  # "less label" runs use drop_last
-                continue
             h, w = rng.integers(1, SIZE + 1, n), rng.integers(1, SIZE + 1, n)
             top, left = rng.integers(0, SIZE - h + 1), rng.integers(0, SIZE - w + 1)
             coords = torch.stack([torch.FloatTensor((top[i] / SIZE, left[i] / SIZE, h[i] / SIZE, w[i] / SIZE))
@@ -340,7 +339,7 @@ def test_in21k_cutout_records_paint_upstreams_rectangles(tmp_path, imported_imag
 
 def test_less_label_directory_becomes_a_pruned_store(tmp_path, imported_images):
     recipe, workdir, _ = imported_images("imagenet1k", "relabel.mix=cutmix")
-    write_upstream_labels(tmp_path / "fkd", torch.float16, mix=True, cutout=False, seed=7, records=3)
+    written = write_upstream_labels(tmp_path / "fkd", torch.float16, mix=True, cutout=False, seed=7, records=3)
     with pytest.raises(UserError, match="--ratio"):
         upstream.import_labels(tmp_path / "fkd", recipe, workdir)
 
@@ -348,6 +347,11 @@ def test_less_label_directory_becomes_a_pruned_store(tmp_path, imported_images):
 
     assert store.path == workdir.root / "labels-r0.25" and store.ids.tolist() == [0, 1, 2]
     assert store.meta["prune"] == [{"ratio": 0.25, "pool": "random", "seed": 0}]
+    for g in range(3):
+        source = written[divmod(g, 2)]
+        assert store.record(g).img_idx.tolist() == source["indices"]
+        np.testing.assert_array_equal(store.record(g).crop, source["crop"])
+        np.testing.assert_array_equal(store.record(g).logits, source["logits"].numpy())
     assert train.training_plan(store, 0)(0)[0] in (0, 1, 2)
 
 
