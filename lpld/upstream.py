@@ -94,7 +94,8 @@ def load_plain(path: str | Path, extra_globals=()) -> object:
         raise UserError(f"{path} holds something other than tensors and plain values, so it is refused "
                         f"without running it ({reason or 'unsupported pickle content'})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
-        raise UserError(f"{path} is not a readable torch file ({str(error).splitlines()[0] if str(error) else error})") from None
+        first_line = (str(error).splitlines() or [type(error).__name__])[0]
+        raise UserError(f"{path} is not a readable torch file ({first_line})") from None
 
 
 # ----------------------------------------------------------------------------------------- teacher
@@ -115,7 +116,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str
                 state = state[wrapper]
                 break
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{path} holds no state dict (a mapping of names to tensors), directly or under 'model'/'state_dict'")
+        raise UserError(f"{path} holds no state dict (a mapping of names to tensors), directly or under "
+                        "'model' / 'state_dict'")
     if all(key.startswith("module.") for key in state):
         state = {key[len("module."):]: value for key, value in state.items()}
         notes.append("removed the 'module.' prefix")
@@ -364,7 +366,7 @@ def convert_batch(batch, where: str, layout: dict) -> tuple[Record, str]:
     size, num_classes, batch_size = layout["size"], layout["num_classes"], layout["batch_size"]
     if not isinstance(batch, (list, tuple)) or len(batch) != 6:
         raise UserError(f"{where}: expected upstream's list of 6 entries (coords, flip or cutout, mix index, "
-                        f"lambda, box, logits), found {type(batch).__name__} of length {len(batch) if isinstance(batch, (list, tuple)) else '-'}")
+                        f"lambda, box, logits), found {type(batch).__name__}")
     coords, second, perm, lam, box, logits = batch
     tensors = {"coords": coords, "flip/cutout": second, "logits": logits}
     for name, value in tensors.items():
@@ -447,7 +449,8 @@ def _record_ids(found: dict, batches_per_epoch: int, partial: bool, where: Path)
     ids = [e * batches_per_epoch + b for e, b in pairs]
     if ids != list(range(len(ids))):
         gap = next(i for i, g in enumerate(ids + [-1]) if g != i)
-        raise UserError(f"{where}: records are missing: epoch_{gap // batches_per_epoch}/batch_{gap % batches_per_epoch}.tar "
+        epoch, batch = divmod(gap, batches_per_epoch)
+        raise UserError(f"{where}: records are missing: epoch_{epoch}/batch_{batch}.tar "
                         "is absent but later ones exist (a label set must be whole epochs, or a prefix of them)")
     return pairs, dropped
 
@@ -487,31 +490,45 @@ def _orders(root: Path, num_images: int, epochs: int, seed: int):
     return iter(orders), info
 
 
+def _batch_shape(found: dict) -> tuple[int, int]:
+    """(B, K) from the logits of the first file, which every other file must match."""
+    file = found[min(found)][min(found[min(found)])]
+    batch = load_plain(file, _numpy_int64_globals())
+    if not isinstance(batch, (list, tuple)) or len(batch) != 6 or not isinstance(batch[5], torch.Tensor) \
+            or batch[5].ndim != 2:
+        raise UserError(f"{file}: not upstream's batch list (6 entries ending in logits [B, K])")
+    return tuple(batch[5].shape)
+
+
+def _distilled_with_map(workdir: WorkDir, channels: int):
+    """The imported distilled set and its upstream-index -> our-index map (from manifest.json)."""
+    manifest_path = workdir.distilled / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    if "upstream_to_ours" not in manifest:
+        raise UserError(f"{workdir.distilled} was not imported from upstream's images: run `lpld import images` "
+                        "first (upstream's labels index its own image listing)")
+    distilled = load_distilled(workdir.distilled, channels)
+    mapping = np.asarray(manifest["upstream_to_ours"], dtype=np.int64)
+    if len(mapping) != len(distilled.images):
+        raise UserError(f"{manifest_path} maps {len(mapping)} images but {workdir.distilled} holds {len(distilled.images)}")
+    return distilled, mapping
+
+
 def import_labels(path: str | Path, recipe: Recipe, workdir: WorkDir, out: str | Path | None = None,
                   ratio: float | None = None, seed: int = UPSTREAM_ORDER_SEED) -> Path:
     """An upstream soft-label directory -> our label store (full, or pruned when only a prefix of
     the E x nb records exists: upstream's "less label" runs, with ``ratio`` their --prune_ratio).
 
-    Partial last batches are dropped (our stores label N // B batches per epoch). Logits are kept
-    as fp16; fp32 logits are rounded to fp16, as our stores hold fp16.
+    E is ``recipe.relabel.epochs``; B and K come from the files. Partial last batches are dropped
+    unread (our stores label N // B batches per epoch). fp32 logits are rounded to fp16, the
+    store's type. An interrupted import continues from its last complete epoch.
     """
     started = time.perf_counter()
     root = Path(path)
     found = _scan(root)
-    manifest_path = workdir.distilled / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    mapping = manifest.get("upstream_to_ours")
-    if mapping is None:
-        raise UserError(f"{workdir.distilled} was not imported from upstream's images: run `lpld import images` "
-                        "first (the labels index upstream's image listing)")
-    distilled = load_distilled(workdir.distilled, recipe.data.channels)
+    distilled, mapping = _distilled_with_map(workdir, recipe.data.channels)
     num_images = len(distilled.images)
-    if len(mapping) != num_images:
-        raise UserError(f"{manifest_path} maps {len(mapping)} images but {workdir.distilled} holds {num_images}")
-    first = load_plain(found[min(found)][min(found[min(found)])], _numpy_int64_globals())
-    if not isinstance(first, (list, tuple)) or len(first) != 6 or not isinstance(first[5], torch.Tensor) or first[5].ndim != 2:
-        raise UserError(f"{found[min(found)][min(found[min(found)])]}: not upstream's batch list (6 entries ending in logits [B, K])")
-    batch_size, num_classes = first[5].shape
+    batch_size, num_classes = _batch_shape(found)
     if num_classes != recipe.data.num_classes:
         raise UserError(f"{root}: logits have {num_classes} classes but the recipe has {recipe.data.num_classes}; "
                         "pick the matching --recipe or --set data.num_classes")
@@ -519,52 +536,32 @@ def import_labels(path: str | Path, recipe: Recipe, workdir: WorkDir, out: str |
         raise UserError(f"{root}: batches of {batch_size} but only {num_images} distilled images")
     nb = num_images // batch_size
     pairs, dropped = _record_ids(found, nb, num_images % batch_size != 0, root)
-    epochs = recipe.relabel.epochs
-    total = epochs * nb
+    epochs, total = recipe.relabel.epochs, recipe.relabel.epochs * nb
     if len(pairs) > total:
         raise UserError(f"{root} holds {len(pairs)} records = more than relabel.epochs={epochs} epochs of {nb}; "
                         f"pass --set relabel.epochs={-(-len(pairs) // nb)}")
-    relabel_cfg = dataclasses.replace(recipe.relabel, batch_size=batch_size, seed=seed)
-    recipe = dataclasses.replace(recipe, relabel=relabel_cfg)
+    recipe = dataclasses.replace(recipe, relabel=dataclasses.replace(recipe.relabel, batch_size=batch_size, seed=seed))
     teacher = models.read_teacher_meta(workdir.teacher)["fingerprint"] if workdir.teacher.is_file() else None
-    header = label_header(recipe, distilled.images, distilled.fingerprint, teacher)
     orders, order_info = _orders(root, num_images, -(-len(pairs) // nb), seed)
-    header["seeds"] = {"relabel": None, "upstream_order": seed}
-    header["imported_from"] = {"path": os.path.abspath(root), "order": order_info,
-                               "partial_batches_dropped": dropped, "teacher": "upstream's relabel teacher; "
-                               "teacher_fingerprint is this work directory's teacher, if any, at import time"}
+    header = dict(label_header(recipe, distilled.images, distilled.fingerprint, teacher),
+                  seeds={"relabel": None, "upstream_order": seed},
+                  imported_from={"path": os.path.abspath(root), "order": order_info, "partial_batches_dropped": dropped,
+                                 "teacher": "upstream's relabel teacher; teacher_fingerprint names this work "
+                                            "directory's teacher at import time, if it had one"})
     if len(pairs) < total:
         if ratio is None:
-            raise UserError(f"{root} holds {len(pairs)} of {total} records ({epochs} epochs x {nb}): an upstream "
-                            "'less label' run; pass --ratio R (its --prune_ratio), or --set relabel.epochs=E for fewer epochs")
+            raise UserError(f"{root} holds {len(pairs)} of {total} records ({epochs} epochs x {nb}): an upstream 'less "
+                            "label' run; pass --ratio R (its --prune_ratio), or --set relabel.epochs=E for fewer epochs")
         if kept_count(total, ratio) != len(pairs):
-            raise UserError(f"--ratio {ratio} keeps {kept_count(total, ratio)} of {total} records, but {root} holds {len(pairs)}")
+            raise UserError(f"--ratio {ratio} keeps {kept_count(total, ratio)} of {total} records, "
+                            f"but {root} holds {len(pairs)}")
         header = pruned_header(header, ratio, "random", 0)
         out = out or pruned_path(workdir, ratio)
     out = Path(out or workdir.labels)
     if (out / META).exists():
         raise UserError(f"{out} already holds a label store; delete it or pass --out")
     writer = LabelStoreWriter(out, header, np.arange(len(pairs), dtype=np.int64))
-    layout = {"size": header["size"], "num_classes": num_classes, "batch_size": batch_size, "channels": header["channels"],
-              "image_size": header["image_size"], "flip": header["flip"], "mix": header["mix"]}
-    dtypes, extra = set(), _numpy_int64_globals()
-    lookup = np.asarray(mapping, dtype=np.int64)
-    order_epoch, order = -1, None
-    for row, (epoch, batch) in enumerate(tqdm(pairs, unit="batch", desc="import labels")):
-        while order_epoch < epoch:  # epochs come in order; each order is drawn once
-            order, order_epoch = next(orders), order_epoch + 1
-        if epoch in writer.complete_epochs:
-            continue
-        file = found[epoch][batch]
-        record, dtype = convert_batch(load_plain(file, extra), str(file), layout)
-        if len(order) < (batch + 1) * batch_size:
-            raise UserError(f"{root / ORDER_JSON}: epoch {epoch} lists {len(order)} images, too few for batch {batch}")
-        record.img_idx = lookup[order[batch * batch_size:(batch + 1) * batch_size]].astype(np.int32)
-        writer.write(row, record)
-        dtypes.add(dtype)
-        if batch == nb - 1 or row == len(pairs) - 1:
-            writer.flush()
-            writer.mark_epoch_complete(epoch)
+    dtypes = _write_records(writer, found, pairs, orders, mapping, header)
     writer.finish()
     size = sum(f.stat().st_size for f in out.iterdir())
     kind = f"pruned at ratio {ratio:g}" if len(pairs) < total else "full"
@@ -573,6 +570,30 @@ def import_labels(path: str | Path, recipe: Recipe, workdir: WorkDir, out: str |
           f"dropped {dropped} partial last batches ({num_images % batch_size} images each); image order "
           f"{order_info['source']} in {time.perf_counter() - started:.1f} s")
     return out
+
+
+def _write_records(writer: LabelStoreWriter, found: dict, pairs: list, orders, mapping: np.ndarray, header: dict) -> set:
+    """Convert and write every (epoch, batch) file in id order; returns the logit dtypes seen."""
+    batch_size, nb = header["batch_size"], header["batches_per_epoch"]
+    layout = {key: header[key] for key in ("size", "num_classes", "batch_size", "channels", "image_size", "flip", "mix")}
+    dtypes, extra = set(), _numpy_int64_globals()
+    order_epoch, order = -1, None
+    for row, (epoch, batch) in enumerate(tqdm(pairs, unit="batch", desc="import labels")):
+        while order_epoch < epoch:  # epochs come in order; each epoch's order is drawn once
+            order, order_epoch = next(orders), order_epoch + 1
+        if epoch in writer.complete_epochs:
+            continue
+        file = found[epoch][batch]
+        record, dtype = convert_batch(load_plain(file, extra), str(file), layout)
+        if len(order) < (batch + 1) * batch_size:
+            raise UserError(f"{ORDER_JSON}: epoch {epoch} lists {len(order)} images, too few for batch {batch}")
+        record.img_idx = mapping[order[batch * batch_size:(batch + 1) * batch_size]].astype(np.int32)
+        writer.write(row, record)
+        dtypes.add(dtype)
+        if batch == nb - 1 or row == len(pairs) - 1:
+            writer.flush()
+            writer.mark_epoch_complete(epoch)
+    return dtypes
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -593,11 +614,11 @@ def _labels(args: argparse.Namespace) -> None:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("import", help="convert upstream's released teachers, images and soft labels (local files)")
+    parser = subparsers.add_parser("import", help="convert upstream's released teachers, images and soft labels")
     actions = parser.add_subparsers(dest="action", required=True)
-    teacher = actions.add_parser("teacher", help="a class-BN, Tiny or ImageNet-21K-P checkpoint -> teacher (+ class statistics)")
+    teacher = actions.add_parser("teacher", help="a class-BN, Tiny or ImageNet-21K-P checkpoint -> teacher (+ stats)")
     images = actions.add_parser("images", help="a new000/class000_id000.jpg folder -> distilled/")
-    labels = actions.add_parser("labels", help="an epoch_<e>/batch_<b>.tar directory -> a label store (needs imported images)")
+    labels = actions.add_parser("labels", help="an epoch_<e>/batch_<b>.tar directory -> a label store (import images first)")
     for sub, func, what in ((teacher, _teacher, "checkpoint file (.pth)"), (images, _images, "upstream image folder"),
                             (labels, _labels, "upstream soft-label directory")):
         sub.add_argument("path", help=what)
