@@ -429,3 +429,32 @@ def test_recover_and_train_run_on_imported_artifacts(tmp_path, imported_images, 
         (fresh.root / file.name).write_bytes(file.read_bytes())
     recover.recover(recipe, fresh, "cpu", show_progress=False)
     assert len(load_distilled(fresh.distilled, 3).images) == CLASSES * 2
+
+
+def test_labels_past_1000_classes_follow_upstreams_string_sorted_listing(tmp_path):
+    """1,001 classes of one 4x4 image: upstream's index u is folder sorted(names)[u], so the
+    imported record must name our image of that class (our index = class id here)."""
+    classes, side = 1001, 4
+    recipe = get_recipe("imagenet21k", [f"data.num_classes={classes}", f"data.resolution={side}", "relabel.epochs=1"])
+    names = [f"new{c:03d}" for c in range(classes)]
+    for c, name in enumerate(names):
+        (tmp_path / "syn" / name).mkdir(parents=True)
+        Image.new("RGB", (side, side), (c % 256, c // 256, 0)).save(tmp_path / "syn" / name / f"class{c:03d}_id000.png")
+    workdir = WorkDir(tmp_path / "run")
+    upstream.import_images(tmp_path / "syn", recipe, workdir)
+    (tmp_path / "fkd" / "epoch_0").mkdir(parents=True)
+    batches = reference_orders(classes, 500, 1)[0]
+    for b, indices in enumerate(batches):
+        n = len(indices)
+        cutout = torch.FloatTensor([[0.5, 0.5, 0.5, 0.5, 1, 2, 3]] * n)
+        torch.save([torch.FloatTensor([[0, 0, 1, 1]] * n), cutout, None, None, None, torch.zeros(n, classes)],
+                   tmp_path / "fkd" / "epoch_0" / f"batch_{b}.tar")
+
+    store = LabelStore.open(upstream.import_labels(tmp_path / "fkd", recipe, workdir))
+
+    upstream_listing = [int(name[3:]) for name in sorted(names)]
+    assert upstream_listing[101] == 1000  # new1000 sorts right after new100
+    for g, indices in enumerate(batches[:2]):
+        assert store.record(g).img_idx.tolist() == [upstream_listing[u] for u in indices]
+    distilled = load_distilled(workdir.distilled, 3)
+    assert distilled.images[1000, :2, 0, 0].tolist() == [1000 % 256, 1000 // 256]
