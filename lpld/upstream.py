@@ -42,7 +42,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 from tqdm import tqdm
 
 from . import models
