@@ -42,12 +42,12 @@ from . import _dispatch
 MAX_TILE = 2048  # elements of x one program holds per loop step
 MAX_MERGE_BLOCK = 256  # channels one merge program holds per loop step
 GPU_TILE_ELEMENTS = 16384  # elements of x per program on a GPU: ~10^4 programs for ResNet-18 at 224 px
-LAYER_FIELDS = 6  # C, HW, chunk, chunks, partial offset, statistics offset
+LAYER_FIELDS = tl.constexpr(6)  # per layer: C, HW, chunk, chunks, partial offset, statistics offset
 
 
 @triton.jit
 def _layer_row(layers_ptr, layer):
-    row = layers_ptr + layer * 6
+    row = layers_ptr + layer * LAYER_FIELDS
     return (tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4),
             tl.load(row + 5))
 
