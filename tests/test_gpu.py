@@ -47,20 +47,21 @@ def _loss_and_grads(loss_fn, model, images, teacher_logits):
     return loss.detach(), [p.grad.detach().clone() for p in model.parameters()]
 
 
-def test_compiled_training_step_with_the_triton_kl_equals_eager():
-    """The pipeline's loss function (bf16 autocast student, fused KL on fp16 stored logits) compiled in
-    one graph equals eager within bf16 rounding."""
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_compiled_training_step_with_the_triton_kl_equals_eager(bf16):
+    """The pipeline's loss function (student, fused KL on fp16 stored logits) compiled in one graph
+    equals eager: to float reduction order in fp32 (the recipes' default), to bf16 rounding with --bf16."""
     model, images, teacher_logits = _student_and_batch()
-    config = get_recipe("imagenet1k").train
+    config = get_recipe("imagenet1k", ["train.compile=false", f"train.bf16={bf16}"]).train
     loss_fn = train.make_loss_fn(model, config, CUDA)
     torch._dynamo.reset()
     assert torch._dynamo.explain(loss_fn)(images, teacher_logits).graph_break_count == 0
     eager_loss, eager_grads = _loss_and_grads(loss_fn, model, images, teacher_logits)
     compiled_loss, compiled_grads = _loss_and_grads(torch.compile(loss_fn), model, images, teacher_logits)
-    torch.testing.assert_close(compiled_loss, eager_loss, rtol=2e-2, atol=1e-6)
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=2e-2 if bf16 else 1e-3, atol=1e-6)
     cosines = [torch.nn.functional.cosine_similarity(a.flatten().float(), b.flatten().float(), dim=0)
                for a, b in zip(compiled_grads, eager_grads) if b.abs().max() > 0]
-    assert min(cosines) > 0.99
+    assert min(cosines) > (0.99 if bf16 else 0.999)
 
 
 def _synthesizer(options=recover.Options()):
