@@ -9,6 +9,7 @@ than a short CPU run saves, and CUDA tensors get the fused kernels anyway.
 Buffers that a kernel must fully overwrite come from ``empty``; the tests swap it for a
 NaN-filled allocator so that an element a kernel forgot to write shows up.
 """
+import contextlib
 import os
 
 import torch
@@ -47,3 +48,9 @@ def empty(shape, *, dtype: torch.dtype, device: torch.device, stride=None) -> to
     if stride is None:
         return torch.empty(shape, dtype=dtype, device=device)
     return torch.empty_strided(shape, stride, dtype=dtype, device=device)
+
+
+def launching_on(tensor: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's (``--device cuda:1`` in one
+    process would otherwise launch on device 0 with device-1 pointers)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()

@@ -293,7 +293,7 @@ def _triton_forward(xs, groups, target_mean, target_var, rows, weights, rms):
                                  for _ in range(3))
     norms = _dispatch.empty((layers, num_groups, 2), dtype=torch.float32, device=device)
     elements, terms = (_dispatch.empty((layers, num_groups), dtype=torch.float32, device=device) for _ in range(2))
-    _merge_kernel[(max(num_groups, 1), layers)](
+    _merge_kernel[(num_groups, layers)](
         plan.layers, partial_mean, partial_m2, groups, groups if rows is None else rows, target_mean, target_var,
         _device_floats(tuple(weights), device), mean, diff_mean, diff_var, norms, elements, terms,
         batch, num_groups, total_channels, target_mean.stride(0),
@@ -382,8 +382,10 @@ def _class_bn_loss_op(xs: list[torch.Tensor], groups: torch.Tensor, target_mean:
                       use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                  torch.Tensor, torch.Tensor]:
     """(loss, mean [G, sum C], mean - target, var - target, norms [L, G, 2], elements [L, G])."""
-    forward = _triton_forward if use_triton else _torch_forward
-    return forward(xs, groups, target_mean, target_var, rows, weights, rms)
+    if not use_triton:
+        return _torch_forward(xs, groups, target_mean, target_var, rows, weights, rms)
+    with _dispatch.launching_on(xs[0]):
+        return _triton_forward(xs, groups, target_mean, target_var, rows, weights, rms)
 
 
 @_class_bn_loss_op.register_fake
@@ -401,8 +403,10 @@ def _class_bn_loss_backward_op(grad_loss: torch.Tensor, xs: list[torch.Tensor], 
                                mean: torch.Tensor, diff_mean: torch.Tensor, diff_var: torch.Tensor,
                                norms: torch.Tensor, elements: torch.Tensor, weights: list[float], rms: bool,
                                use_triton: bool) -> list[torch.Tensor]:
-    backward = _triton_backward if use_triton else _torch_backward
-    return backward(grad_loss, xs, groups, mean, diff_mean, diff_var, norms, elements, weights, rms)
+    if not use_triton:
+        return _torch_backward(grad_loss, xs, groups, mean, diff_mean, diff_var, norms, elements, weights, rms)
+    with _dispatch.launching_on(xs[0]):
+        return _triton_backward(grad_loss, xs, groups, mean, diff_mean, diff_var, norms, elements, weights, rms)
 
 
 @_class_bn_loss_backward_op.register_fake
@@ -466,6 +470,8 @@ def class_bn_loss_layers(xs: Sequence[torch.Tensor], groups: torch.Tensor, targe
     use_triton = _dispatch.use_triton(backend, xs[0])
     if use_triton and xs[0].dtype not in _TRITON_DTYPES:
         raise ValueError(f"the Triton kernels read {list(_TRITON_DTYPES)}, got {xs[0].dtype}: use backend='torch'")
+    if rows is not None and rows.dim() != 1:
+        raise ValueError(f"expected rows [G], got {tuple(rows.shape)}")
     rows = None if rows is None else rows.to(torch.int64)
     return torch.ops.lpld.class_bn_loss(xs, groups.to(torch.int64), target_mean.contiguous(), target_var.contiguous(),
                                         rows, [float(w) for w in weights], rms, use_triton)[0]

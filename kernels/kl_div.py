@@ -182,13 +182,15 @@ def _accumulate_dtype(*dtypes: torch.dtype) -> torch.dtype:
 def _soft_kl_div_op(student: torch.Tensor, teacher: torch.Tensor, temperature: float, scale: float,
                     need_grad: bool, use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, gradient w.r.t. the student logits, or an empty tensor when ``need_grad`` is False)."""
-    forward = _triton_forward if use_triton else _torch_forward
-    return forward(student, teacher, temperature, scale, need_grad)
+    if not use_triton:
+        return _torch_forward(student, teacher, temperature, scale, need_grad)
+    with _dispatch.launching_on(student):
+        return _triton_forward(student, teacher, temperature, scale, need_grad)
 
 
 @_soft_kl_div_op.register_fake
 def _(student, teacher, temperature, scale, need_grad, use_triton):
-    loss = student.new_empty((), dtype=_accumulate_dtype(student.dtype, teacher.dtype))
+    loss = student.new_empty((), dtype=torch.float32 if use_triton else _accumulate_dtype(student.dtype, teacher.dtype))
     return loss, torch.empty_like(student, memory_format=torch.contiguous_format) if need_grad else student.new_empty((0,))
 
 

@@ -104,12 +104,14 @@ def register(subparsers) -> None:
 
 def set_name(path: str | Path) -> str:
     """What an analysed folder is: the batching its recover manifest records (class-wise,
-    across-class), else the folder's own name (e.g. a folder of real images)."""
+    across-class; "-global-stats" for the "+C" ablation), else the folder's own name (e.g. a folder
+    of real images)."""
     manifest = Path(path) / "manifest.json"
     if manifest.is_file():
-        batching = json.loads(manifest.read_text()).get("batching")
-        if batching:
-            return batching
+        content = json.loads(manifest.read_text())
+        if content.get("batching"):
+            ablation = content.get("recipe", {}).get("recover", {}).get("stats") == "global"
+            return content["batching"] + ("-global-stats" if ablation else "")
     return Path(path).resolve().name
 
 

@@ -179,15 +179,16 @@ def _check_batching(config: TrainConfig, record_size: int, world: int) -> None:
         raise UserError(f"train.split={config.split!r}: choose rows (the paper's semantics) or records")
     if config.bn_batch < 0:
         raise UserError(f"train.bn_batch={config.bn_batch}: use 0 (the whole record) or a row count")
-    if config.split == "rows" and world > record_size:
-        raise UserError(f"{world} ranks cannot split records of {record_size} rows; use fewer ranks or --split records")
+    if config.split == "rows" and world > 1 and not len(range(record_size)[rank_rows(record_size, world - 1, world)]):
+        raise UserError(f"records of {record_size} rows in chunks of ceil({record_size}/{world}) leave the last of {world} "
+                        "ranks without rows; use fewer ranks or --split records")
     if config.bn_batch and config.micro_batch and config.micro_batch % config.bn_batch:
         raise UserError(f"train.micro_batch={config.micro_batch} must be a multiple of train.bn_batch={config.bn_batch}, "
                         "so that micro-batching keeps the BatchNorm groups")
-    rank_rows_count = -(-record_size // world) if config.split == "rows" else record_size
-    if config.bn_batch and world > 1 and config.split == "rows" and rank_rows_count < config.bn_batch and \
+    first_rank_rows = len(range(record_size)[rank_rows(record_size, 0, world)])
+    if config.bn_batch and world > 1 and config.split == "rows" and first_rank_rows < config.bn_batch and \
             distributed.is_main():
-        warnings.warn(f"each of {world} ranks normalizes {rank_rows_count} rows, fewer than train.bn_batch="
+        warnings.warn(f"each of {world} ranks normalizes at most {first_rank_rows} rows, fewer than train.bn_batch="
                       f"{config.bn_batch}: BatchNorm statistics come from smaller groups than the recipe's", stacklevel=3)
 
 

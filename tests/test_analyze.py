@@ -87,6 +87,9 @@ def test_command_prints_and_writes_the_report(teacher_and_folder, capsys):
     assert report["name"] == "distilled" and json.loads(WorkDir(root).diversity("distilled").read_text()) == report
     (root / "distilled" / "manifest.json").write_text(json.dumps({"batching": "across-class"}))
     assert analyze.set_name(root / "distilled") == "across-class"
+    ablation = {"batching": "class-wise", "recipe": {"recover": {"stats": "global"}}}  # Table 4's "+C"
+    (root / "distilled" / "manifest.json").write_text(json.dumps(ablation))
+    assert analyze.set_name(root / "distilled") == "class-wise-global-stats"
 
 
 def test_a_model_without_classifier_is_refused():

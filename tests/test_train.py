@@ -226,13 +226,13 @@ def _one_process_reference(recipe, workdir, records_per_step, lr_factor=1):
 # 2-row groups magnify the order noise to ~4e-6: hence atol 1e-5.
 def test_torchrun_ranks_split_each_records_rows_like_one_process_with_ghost_batch_norm(tmp_path):
     """The default (split rows, upstream's DataParallel semantics): 2 gloo ranks replay every record and
-    take 2 of its 4 rows each, one step per record. One process with train.bn_batch = 2 takes the
-    same steps: parameters and BN running statistics (rank 0's = the first group's) agree, and so
-    does the step count."""
-    extra = ["train.epochs=1", "train.optimizer=sgd"]
+    take rows 0-2 and 3-4 of its 5, one step per record, each rank's loss weighted by its share (6/5
+    and 4/5). One process with train.bn_batch = 3 takes the same steps: parameters and BN running
+    statistics (rank 0's = the first group's) agree, and so does the step count."""
+    extra = ["train.epochs=1", "train.optimizer=sgd", "relabel.batch_size=5"]
     recipe, workdir = tiny_run(tmp_path, *extra)
     _torchrun_train(tmp_path, workdir, "ddp", extra)
-    reference, steps = _one_process_reference(recipe.with_overrides(["train.bn_batch=2"]), workdir, 1)
+    reference, steps = _one_process_reference(recipe.with_overrides(["train.bn_batch=3"]), workdir, 1)
     store = LabelStore.open(workdir.labels)
     logged = [json.loads(line) for line in (workdir.student("ddp") / training.METRICS).read_text().splitlines()]
     assert logged[0]["steps"] == steps == store.batches_per_epoch
@@ -292,6 +292,16 @@ def test_full_labels_plan_is_sampled_with_replacement_or_stored_in_order(tmp_pat
     assert any(len(set(sampled(e))) < nb for e in range(20))  # with replacement: repeats within an epoch
     with pytest.raises(UserError, match="full_plan"):
         training.training_plan(store, 0, "shuffled")
+
+
+def test_row_split_refuses_ranks_that_would_get_no_rows():
+    """ceil(B / W) rows per rank: 32 rows over 8 ranks is 4 each, over 9 ranks the last gets none."""
+    assert [training.rank_rows(5, rank, 2) for rank in range(2)] == [slice(0, 3), slice(3, 5)]
+    config = get_recipe("imagenet21k").train
+    training._check_batching(config, 32, 8)
+    with pytest.raises(UserError, match="without rows"):
+        training._check_batching(config, 32, 9)
+    training._check_batching(get_recipe("imagenet21k", ["train.split=records"]).train, 32, 9)
 
 
 @pytest.mark.parametrize("override, message", [
