@@ -149,11 +149,13 @@ def crop_resize_flip(images: torch.Tensor, boxes, flips, size: int) -> torch.Ten
     antialias=False)`` followed by ``hflip`` where ``flips`` is set (tests/test_augment.py).
     """
     out = images.new_empty((images.shape[0], images.shape[1], size, size))
-    for i, (top, left, h, w) in enumerate(np.asarray(boxes).tolist()):
+    # boxes and flips are host values (stored records, recover's draws): deciding each flip on the
+    # host sends nothing to a GPU, so a step never waits on a host-to-device copy
+    for i, ((top, left, h, w), flip) in enumerate(zip(np.asarray(boxes).tolist(), np.asarray(flips).tolist())):
         patch = images[i : i + 1, :, top : top + h, left : left + w]
-        out[i : i + 1] = F.interpolate(patch, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
-    flip = torch.as_tensor(np.asarray(flips), device=images.device).view(-1, 1, 1, 1)
-    return torch.where(flip, out.flip(-1), out)  # no boolean indexing: no host sync on a GPU
+        resized = F.interpolate(patch, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+        out[i : i + 1] = resized.flip(-1) if flip else resized
+    return out
 
 
 def cutout(images: torch.Tensor, record: Cutout) -> torch.Tensor:

@@ -222,10 +222,8 @@ class Synthesizer:
             box = sample_crop_boxes(generator, 1, height, width, scale=self.cfg.crop_scale, ratio=CROP_RATIO)
             flip = sample_flips(generator, 1)
             shift = torch.randint(low, high + 1, (2,), generator=generator).tolist()
-            # the group's images stacked as the channels of one image share the box; the flip is a
-            # host-side bool here, so no flip mask travels to the device (no sync per job and step)
-            view = crop_resize_flip(part.reshape(1, -1, height, width), box, [False], height).view_as(part)
-            view = view.flip(-1) if flip[0] else view
+            # the group's images stacked as the channels of one image share the box and the flip
+            view = crop_resize_flip(part.reshape(1, -1, height, width), box, flip, height).view_as(part)
             views.append(torch.roll(view, shifts=shift, dims=(2, 3)))
         return torch.cat(views)
 
