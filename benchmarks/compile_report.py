@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from unittest import mock
 
@@ -55,18 +54,14 @@ def recipe_shapes() -> dict[str, dict]:
     return shapes
 
 
-class _Recorder:
-    """Stands in for a Triton kernel: ``kernel[grid](*args, **kwargs)`` records the launch."""
-
-    def __init__(self, kernel, launches: list):
-        self.kernel, self.launches = kernel, launches
-
-    def __getitem__(self, grid):
-        def launch(*args, num_warps=4, **constexprs):
-            names = [p.name for p in self.kernel.params if not p.is_constexpr]
-            signature = {name: _type_of(value) for name, value in zip(names, args)}
-            self.launches.append((self.kernel, signature, constexprs, num_warps))
-        return launch
+def _recorder(launches: list):
+    """An ``on_launch`` for ``kernels_replaced`` that keeps (kernel, argument types, constexprs, warps)."""
+    def record(kernel, args, kwargs):
+        constexprs = dict(kwargs)
+        num_warps = constexprs.pop("num_warps", 4)
+        names = [p.name for p in kernel.params if not p.is_constexpr]
+        launches.append((kernel, {name: _type_of(value) for name, value in zip(names, args)}, constexprs, num_warps))
+    return record
 
 
 def _type_of(value) -> str:
@@ -79,15 +74,11 @@ def _type_of(value) -> str:
     return "fp32"
 
 
-@contextmanager
-def _recording(module, names: list[str], launches: list):
-    with mock.patch.multiple(module, **{name: _Recorder(getattr(module, name), launches) for name in names}):
-        yield
-
-
 def launched_variants(archs=ARCHS) -> list[dict]:
     """Every distinct kernel launch of the recipes' shapes (and the drop-in dtypes), with why."""
     from lpld_kernels import bn_match, kl_div
+
+    from .launch_count import kernels_replaced
 
     launches: list = []
     why: dict = {}
@@ -101,7 +92,7 @@ def launched_variants(archs=ARCHS) -> list[dict]:
                     groups = torch.zeros(1, dtype=torch.int64)
                     table = torch.zeros(2, sum(c for c, _ in shape["bn"]))
                     before = len(launches)
-                    with _recording(bn_match, ["_moments_kernel", "_merge_kernel", "_backward_kernel"], launches):
+                    with kernels_replaced(bn_match, _recorder(launches)):
                         for rows, rms in itertools.product((torch.zeros(1, dtype=torch.int64), None), (False, True)):
                             outputs = bn_match._triton_forward(xs, groups, table, table, rows, [1.0] * len(xs), rms)
                             bn_match._triton_backward(torch.ones(()), xs, groups, *outputs[1:], [1.0] * len(xs), rms)
@@ -114,7 +105,7 @@ def launched_variants(archs=ARCHS) -> list[dict]:
                 for need_grad in (True, False):
                     before = len(launches)
                     student = torch.empty(rows, classes, dtype=student_dtype)
-                    with _recording(kl_div, ["_log_sum_exp_kernel", "_soft_kl_kernel"], launches), \
+                    with kernels_replaced(kl_div, _recorder(launches)), \
                             mock.patch.object(kl_div, "wanted_programs", lambda _device, arch=arch: 4 * SMS[arch]):
                         kl_div._triton_forward(student, torch.empty(rows, classes, dtype=teacher_dtype), 20.0, 1.0,
                                                need_grad)

@@ -18,7 +18,7 @@ import functools
 import json
 import subprocess
 import sys
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from unittest import mock
 
@@ -37,30 +37,35 @@ NO_LAUNCH = {"empty", "empty_strided", "empty_like", "view", "as_strided", "_res
 # a leaf "to" (no _to_copy below it) returns its input; result_type and a Python scalar's tensor stay on the host
 
 
-class _Counted:
-    """Stands in for a Triton kernel: ``kernel[grid](...)`` counts a launch and runs nothing."""
+class _StandIn:
+    """Stands in for a Triton kernel: ``kernel[grid](*args, **kwargs)`` calls
+    ``on_launch(kernel, args, kwargs)`` and launches nothing."""
 
-    def __init__(self, name, counts):
-        self.name, self.counts = name, counts
+    def __init__(self, kernel, on_launch):
+        self.kernel, self.on_launch = kernel, on_launch
 
     def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.counts[f"triton::{self.name}"] += 1
-        return launch
+        return lambda *args, **kwargs: self.on_launch(self.kernel, args, kwargs)
 
 
-def _jit_kernels(module) -> dict:
-    return {name: value for name, value in vars(module).items()
-            if type(value).__name__ in ("JITFunction", "InterpretedFunction") and name.endswith("_kernel")}
+@contextmanager
+def kernels_replaced(module, on_launch):
+    """Every Triton kernel of ``module`` (a ``*_kernel`` name) replaced by a ``_StandIn``."""
+    kernels = {name: value for name, value in vars(module).items()
+               if type(value).__name__ in ("JITFunction", "InterpretedFunction") and name.endswith("_kernel")}
+    with mock.patch.multiple(module, **{name: _StandIn(kernel, on_launch) for name, kernel in kernels.items()}):
+        yield
 
 
 def count_launches(step) -> dict:
     """Run ``step()`` twice, the second time under the profiler (the first builds the launch plans, as
     a first recover step does); launches of the second by name (Triton kernels and aten ops)."""
     counts = collections.Counter()
+    def count(kernel, args, kwargs):
+        counts[f"triton::{kernel.__name__}"] += 1
+
     with ExitStack() as stack:
-        for name in _jit_kernels(bn_match):
-            stack.enter_context(mock.patch.object(bn_match, name, _Counted(name, counts)))
+        stack.enter_context(kernels_replaced(bn_match, count))
         # CPU tensors take the Triton path as under the interpreter, which the counters make unnecessary
         stack.enter_context(mock.patch.object(_dispatch, "triton_interpreted", lambda: True))
         step()
