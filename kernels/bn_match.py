@@ -340,7 +340,8 @@ def _layer_targets(table: torch.Tensor, rows, offset: int, channels: int) -> tor
 
 
 def _torch_forward(xs, groups, target_mean, target_var, rows, weights, rms):
-    """The op's outputs computed with torch ops (float32, or float64 for float64 inputs)."""
+    """The op's outputs computed with torch ops (float32, or float64 for float64 inputs); differentiable,
+    which makes it the reference too."""
     num_groups = target_mean.shape[0] if rows is None else rows.shape[0]
     means, diffs_mean, diffs_var, norms, elements, terms = [], [], [], [], [], []
     offset = 0
@@ -487,16 +488,6 @@ def class_bn_loss(x, groups, target_mean, target_var, *, rms=False, backend=None
 
 
 def class_bn_loss_reference(xs, groups, target_mean, target_var, weights, rows=None, *, rms=False) -> torch.Tensor:
-    """The definition in plain torch autograd (the tests' oracle; float32 or the wider input dtype)."""
-    num_groups = target_mean.shape[0] if rows is None else rows.shape[0]
-    loss, offset = 0.0, 0
-    for x, weight in zip(xs, weights):
-        mean, var, count = group_moments_reference(x, groups, num_groups)
-        channels = x.shape[1]
-        distance = (torch.linalg.vector_norm(_layer_targets(target_mean, rows, offset, channels).to(mean.dtype) - mean, dim=1)
-                    + torch.linalg.vector_norm(_layer_targets(target_var, rows, offset, channels).to(var.dtype) - var, dim=1))
-        if rms:
-            distance = distance / math.sqrt(channels)
-        loss = loss + weight * torch.where(count > 0, distance, 0.0).sum()
-        offset += channels
-    return loss
+    """The definition in plain torch ops, differentiated by autograd: the op's torch forward run outside
+    the op (the tests' oracle for the Triton kernels and for both closed-form backward passes)."""
+    return _torch_forward(xs, groups, target_mean, target_var, rows, weights, rms)[0]

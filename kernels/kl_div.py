@@ -162,7 +162,8 @@ def _triton_forward(student, teacher, temperature, scale, need_grad):
 
 
 def _torch_forward(student, teacher, temperature, scale, need_grad):
-    """The op's outputs with torch ops: the reference loss and the closed-form gradient."""
+    """The op's outputs with torch ops: the loss (differentiable, so also the reference) and the
+    closed-form gradient."""
     dtype = _accumulate_dtype(student.dtype, teacher.dtype)
     log_p_s = torch.log_softmax(student.to(dtype) / temperature, dim=1)
     log_p_t = torch.log_softmax(teacher.to(dtype) / temperature, dim=1)
@@ -209,13 +210,9 @@ _soft_kl_div_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def soft_kl_div_reference(student_logits, teacher_logits, temperature=1.0, scale_t2=False) -> torch.Tensor:
-    """The definition in plain torch autograd (the tests' oracle; float32, or float64 for float64 inputs)."""
-    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
-    log_p_s = torch.log_softmax(student_logits.to(dtype) / temperature, dim=1)
-    log_p_t = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=1)
-    p_t = log_p_t.exp()
-    pointwise = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), 0.0)
-    return pointwise.sum() * (_scale(temperature, scale_t2) / student_logits.shape[0])
+    """The definition in plain torch ops, differentiated by autograd: the op's torch forward run outside
+    the op (the tests' oracle for the Triton kernels and the closed-form gradient; float32, or float64)."""
+    return _torch_forward(student_logits, teacher_logits, temperature, _scale(temperature, scale_t2), False)[0]
 
 
 def _scale(temperature: float, scale_t2: bool) -> float:

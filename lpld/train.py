@@ -142,7 +142,8 @@ def training_plan(store, seed: int, full_plan: str = "sampled") -> Callable[[int
 
 def rank_rows(batch_size: int, rank: int, world: int) -> slice:
     """This rank's rows of a record under ``split rows``: consecutive chunks of ceil(B / W) rows,
-    the way DataParallel scattered upstream's batches."""
+    the way DataParallel scattered upstream's batches (start and stop clamped to B, so
+    stop - start is the rank's row count, 0 past the end)."""
     chunk = -(-batch_size // world)
     return slice(min(rank * chunk, batch_size), min((rank + 1) * chunk, batch_size))
 
@@ -160,7 +161,7 @@ def _train_epoch(batches, loss_fn: Callable, optimizer, micro_batch: int, no_syn
         images, logits = batch.images, batch.logits
         weight = 1.0
         if rows is not None:
-            weight = len(range(len(images))[rows]) * world / len(images)
+            weight = (rows.stop - rows.start) * world / len(images)
             images, logits = images[rows], logits[rows]
         images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         optimizer.zero_grad(set_to_none=True)
@@ -179,13 +180,14 @@ def _check_batching(config: TrainConfig, record_size: int, world: int) -> None:
         raise UserError(f"train.split={config.split!r}: choose rows (the paper's semantics) or records")
     if config.bn_batch < 0:
         raise UserError(f"train.bn_batch={config.bn_batch}: use 0 (the whole record) or a row count")
-    if config.split == "rows" and world > 1 and not len(range(record_size)[rank_rows(record_size, world - 1, world)]):
+    last = rank_rows(record_size, world - 1, world)
+    if config.split == "rows" and world > 1 and last.stop == last.start:
         raise UserError(f"records of {record_size} rows in chunks of ceil({record_size}/{world}) leave the last of {world} "
                         "ranks without rows; use fewer ranks or --split records")
     if config.bn_batch and config.micro_batch and config.micro_batch % config.bn_batch:
         raise UserError(f"train.micro_batch={config.micro_batch} must be a multiple of train.bn_batch={config.bn_batch}, "
                         "so that micro-batching keeps the BatchNorm groups")
-    first_rank_rows = len(range(record_size)[rank_rows(record_size, 0, world)])
+    first_rank_rows = rank_rows(record_size, 0, world).stop
     if config.bn_batch and world > 1 and config.split == "rows" and first_rank_rows < config.bn_batch and \
             distributed.is_main():
         warnings.warn(f"each of {world} ranks normalizes at most {first_rank_rows} rows, fewer than train.bn_batch="
