@@ -9,16 +9,15 @@ table of top-1 mean and standard deviation per variant is written to --out as JS
 """
 import argparse
 import json
-import platform
 import statistics
 import sys
 from pathlib import Path
 
-import torch
-
 from lpld import train
 from lpld.recipes import get_recipe
 from lpld.workdir import WorkDir
+
+from .conftest import machine_info
 
 
 def main(argv=None) -> int:
@@ -29,6 +28,7 @@ def main(argv=None) -> int:
     parser.add_argument("--variant", action="append", required=True, metavar="NAME=STAGE.FIELD=VALUE[,...]")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     args = parser.parse_args(argv)
     workdir = WorkDir.for_recipe(args.workdir, args.recipe)
     rows = {}
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
         students = []
         for seed in args.seeds:
             recipe = get_recipe(args.recipe, [f"train.seed={seed}", *filter(None, overrides.split(","))])
-            summary = train.train(recipe, workdir, args.labels, f"{name}-s{seed}", "cpu", resume=True)
+            summary = train.train(recipe, workdir, args.labels, f"{name}-s{seed}", args.device, resume=True)
             students.append({"seed": seed, "top1": summary["top1"], "top5": summary["top5"],
                              "images_per_sec": summary["images_per_sec"]})
         top1 = [s["top1"] for s in students]
@@ -46,8 +46,7 @@ def main(argv=None) -> int:
         print(f"{name:14s} top-1 {rows[name]['top1_mean']:.2f} +- {rows[name]['top1_std']:.2f}  "
               f"({', '.join(f'{t:.2f}' for t in top1)})")
     document = {"command": "python -m benchmarks.student_seeds " + " ".join(sys.argv[1:] if argv is None else argv),
-                "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                            "threads": torch.get_num_threads()},
+                "machine": machine_info(),
                 "labels": args.labels, "variants": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=1) + "\n")
