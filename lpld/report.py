@@ -170,14 +170,16 @@ def format_bytes(count: float) -> str:
 
 @dataclass(frozen=True)
 class ImageSet:
-    name: str  # the batching (class-wise, across-class) or the folder's name
+    name: str  # analyze.set_name: the batching (class-wise, across-class, ...) or the folder's name
     path: Path  # the ImageFolder
     manifest: dict  # recover's manifest.json ({} when absent)
 
 
 def _image_set(folder: Path) -> ImageSet:
-    manifest = read_json(folder / "manifest.json") or {}
-    return ImageSet(manifest.get("batching") or folder.name, folder, manifest)
+    """Named as ``lpld analyze diversity`` names the set, so its grid and its diversity series match."""
+    from .analyze import set_name
+
+    return ImageSet(set_name(folder), folder, read_json(folder / "manifest.json") or {})
 
 
 def image_sets(workdir: WorkDir, compare: list[str | Path] = ()) -> list[ImageSet]:
