@@ -11,8 +11,9 @@ Partial batches never exist: an epoch's order holds N images but only nb = N // 
 labelled (the last N % B images of that order are skipped), so every record has exactly B rows
 and no "g - 1" remap is needed (SPEC.md section 5).
 
-An optional top-k layout (meta "topk" > 0) stores the k largest fp16 logits per sample and their
-class indices instead of all K; ``record`` reads them back as dense logits with -inf elsewhere.
+The logits are kept by a ``LogitCodec`` (meta "topk" and "quant"): all K as fp16 by default (the
+paper's), or the top k per sample, as fp16, 8-bit integer codes or fp8; ``record`` decodes them
+back to dense fp16 logits from one slice per array, so every codec composes with pruning.
 
 Loading never runs code: arrays are read with ``np.load(allow_pickle=False)`` and meta.json is
 plain JSON.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,20 +42,125 @@ REQUIRED_META = ("num_images", "batch_size", "num_classes", "channels", "epochs"
 PARTIAL_BATCH_RULE = "excluded: batches_per_epoch = num_images // batch_size; the last images of each epoch order are not labelled"
 
 
+QUANTS = ("fp16", "int8", "fp8")
+FP8_MAX = 448.0  # largest finite float8_e4m3fn; it has no infinity, so larger values must be clamped
+
+
+def index_dtype(num_classes: int) -> np.dtype:
+    """The narrowest integer type that holds a class index (uint8 up to 256 classes)."""
+    return np.dtype(np.uint8 if num_classes <= 256 else np.int16 if num_classes <= 2**15 else np.int32)
+
+
+@dataclass(frozen=True)
+class LogitCodec:
+    """How a store keeps its logits: all K or the top k per sample, as fp16, int8 or fp8 values.
+
+    - fp16: the teacher's logits rounded to fp16 (the paper's storage).
+    - int8: 8-bit codes with a per-sample fp16 scale and offset (affine over the sample's kept
+      values), 1 byte per value plus 4 per sample.
+    - fp8: float8 e4m3 of the logits minus their sample maximum, 1 byte per value. Softmax does
+      not change under a per-sample shift, and after it the top classes sit near 0, where e4m3 is
+      finest; so the decoded logits equal the stored ones only up to that shift.
+    Top-k stores the k largest values and their class indices; decoding puts -inf elsewhere, so
+    softmax gives the top-k distribution renormalized. Every codec decodes one record from one
+    slice per array, and ``encode`` serves relabel (one record) and prune (many) alike.
+    """
+
+    topk: int = 0
+    quant: str = "fp16"
+
+    @classmethod
+    def of(cls, meta: dict) -> "LogitCodec":
+        return cls(meta.get("topk", 0), meta.get("quant", "fp16"))
+
+    def check(self, num_classes: int) -> "LogitCodec":
+        if self.quant not in QUANTS:
+            raise UserError(f"logit quantization {self.quant!r}: choose one of {', '.join(QUANTS)}")
+        if not 0 <= self.topk <= num_classes:
+            raise UserError(f"--topk {self.topk}: must be between 0 (full logits) and the class count {num_classes}")
+        return self
+
+    @property
+    def name(self) -> str:
+        return f"top{self.topk}-{self.quant}" if self.topk else self.quant
+
+    @property
+    def array_names(self) -> tuple[str, ...]:
+        return tuple(self.specs(0, 0, 0))
+
+    def specs(self, rows: int, batch: int, num_classes: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        width = self.topk or num_classes
+        values = np.dtype(np.float16 if self.quant == "fp16" else np.uint8)
+        specs = {"topk_values" if self.topk else "logits": ((rows, batch, width), values)}
+        if self.topk:
+            specs["topk_indices"] = ((rows, batch, self.topk), index_dtype(num_classes))
+        if self.quant == "int8":
+            specs["logit_scale"] = ((rows, batch), np.dtype(np.float16))
+            specs["logit_offset"] = ((rows, batch), np.dtype(np.float16))
+        return specs
+
+    def encode(self, logits) -> dict[str, np.ndarray]:
+        """Arrays (as ``specs`` names them) holding logits [..., K] in this codec."""
+        z = torch.as_tensor(np.asarray(logits)).float()
+        arrays = {}
+        if self.topk:
+            top = z.topk(self.topk, dim=-1)
+            z, arrays["topk_indices"] = top.values, top.indices.numpy()
+        name = "topk_values" if self.topk else "logits"
+        if self.quant == "fp16":
+            arrays[name] = z.to(torch.float16).numpy()
+        elif self.quant == "fp8":
+            shifted = (z - z.amax(dim=-1, keepdim=True)).clamp(min=-FP8_MAX)
+            arrays[name] = shifted.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+        else:
+            low, high = z.amin(dim=-1), z.amax(dim=-1)
+            offset = low.to(torch.float16)
+            scale = ((high - low) / 255).clamp(min=torch.finfo(torch.float16).tiny).to(torch.float16)
+            codes = ((z - offset.float()[..., None]) / scale.float()[..., None]).round().clamp(0, 255)
+            arrays.update({name: codes.to(torch.uint8).numpy(), "logit_scale": scale.numpy(), "logit_offset": offset.numpy()})
+        return arrays
+
+    def decode(self, arrays: dict[str, np.ndarray], num_classes: int) -> np.ndarray:
+        """Dense fp16 logits [..., K] from this codec's arrays (-inf outside the top k)."""
+        values = np.asarray(arrays["topk_values" if self.topk else "logits"])
+        if self.quant == "fp8":
+            values = torch.tensor(values).view(torch.float8_e4m3fn).to(torch.float16).numpy()  # a copy: memmaps are read-only
+        elif self.quant == "int8":
+            scale = np.asarray(arrays["logit_scale"], dtype=np.float32)[..., None]
+            offset = np.asarray(arrays["logit_offset"], dtype=np.float32)[..., None]
+            values = (values * scale + offset).astype(np.float16)
+        if not self.topk:
+            return values
+        dense = np.full((*values.shape[:-1], num_classes), -np.inf, dtype=np.float16)
+        np.put_along_axis(dense, np.asarray(arrays["topk_indices"]).astype(np.int64), values, axis=-1)
+        return dense
+
+
+def add_codec_arguments(parser: argparse.ArgumentParser) -> None:
+    """--topk and --quant, shared by the commands that write a store (relabel, prune)."""
+    parser.add_argument("--topk", type=int, default=None,
+                        help="keep only the k largest logits per sample (0 = all K; relabel's default 0, as the paper; "
+                             "prune's default: the source's)")
+    parser.add_argument("--quant", choices=QUANTS, default=None,
+                        help="logit values as fp16 (relabel's default, the paper's), int8 (per-sample scale and offset) "
+                             "or fp8 (e4m3); prune's default: the source's")
+
+
+def codec_from_args(args: argparse.Namespace, base: LogitCodec = LogitCodec()) -> LogitCodec:
+    """``base`` with the fields given on the command line replaced."""
+    return LogitCodec(base.topk if args.topk is None else args.topk, args.quant or base.quant)
+
+
 def array_specs(meta: dict) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Shape and dtype of every array a store with this meta holds (the optional ones by recipe)."""
-    rows, batch, classes, topk = meta["num_records"], meta["batch_size"], meta["num_classes"], meta.get("topk", 0)
+    rows, batch, classes = meta["num_records"], meta["batch_size"], meta["num_classes"]
     specs = {
         "ids": ((rows,), np.dtype(np.int64)),
         "img_idx": ((rows, batch), np.dtype(np.int32)),
         "crop": ((rows, batch, 4), np.dtype(np.int32)),
         "flip": ((rows, batch), np.dtype(np.bool_)),
+        **LogitCodec.of(meta).specs(rows, batch, classes),
     }
-    if topk:
-        specs["topk_values"] = ((rows, batch, topk), np.dtype(np.float16))
-        specs["topk_indices"] = ((rows, batch, topk), np.dtype(np.int16 if classes <= 2**15 else np.int32))
-    else:
-        specs["logits"] = ((rows, batch, classes), np.dtype(np.float16))
     if meta["flip"] == "cutout":
         specs["cutout_box"] = ((rows, batch, 4), np.dtype(np.int32))
         specs["cutout_fill"] = ((rows, batch, meta["channels"]), np.dtype(np.uint8))
@@ -68,24 +175,12 @@ def _write_json(path: Path, value: dict) -> None:
     write_atomically(path, lambda partial: partial.write_text(json.dumps(value, indent=1, sort_keys=True)))
 
 
-def dense_logits(values: np.ndarray, indices: np.ndarray, num_classes: int) -> np.ndarray:
-    """fp16 logits [..., K] holding the top-k values and -inf elsewhere, so that softmax gives
-    the top-k distribution renormalized (the optional top-k store, an extension of SPEC.md section 8)."""
-    dense = np.full((*values.shape[:-1], num_classes), -np.inf, dtype=np.float16)
-    np.put_along_axis(dense, indices.astype(np.int64), values, axis=-1)
-    return dense
-
-
-def _put(arrays: dict, row: int, record: Record) -> None:
+def _put(arrays: dict, codec: LogitCodec, row: int, record: Record) -> None:
     arrays["img_idx"][row] = record.img_idx
     arrays["crop"][row] = record.crop
     arrays["flip"][row] = record.flip
-    if "topk_values" in arrays:
-        top = torch.from_numpy(np.asarray(record.logits)).float().topk(arrays["topk_values"].shape[-1], dim=-1)
-        arrays["topk_values"][row] = top.values.to(torch.float16).numpy()
-        arrays["topk_indices"][row] = top.indices.numpy()
-    else:
-        arrays["logits"][row] = record.logits
+    for name, value in codec.encode(record.logits).items():
+        arrays[name][row] = value
     if "cutout_box" in arrays:
         arrays["cutout_box"][row] = record.cutout.box
         arrays["cutout_fill"][row] = record.cutout.fill
@@ -110,6 +205,7 @@ class LabelStoreWriter:
         self.ids = np.asarray(ids, dtype=np.int64)
         self.header = dict(header, format=FORMAT, num_records=int(len(self.ids)))
         self.specs = array_specs(self.header)
+        self.codec = LogitCodec.of(self.header).check(self.header["num_classes"])
         self.done = False
         progress = self.path / PROGRESS
         if (self.path / META).exists():
@@ -150,7 +246,7 @@ class LabelStoreWriter:
         return np.flatnonzero((self.ids >= epoch * nb) & (self.ids < (epoch + 1) * nb))
 
     def write(self, row: int, record: Record) -> None:
-        _put(self.arrays, row, record)
+        _put(self.arrays, self.codec, row, record)
 
     def flush(self) -> None:
         for array in self.arrays.values():
@@ -299,19 +395,18 @@ class LabelStore:
             raise KeyError(f"record {g} is not in the label store {self.path}")
         return row
 
-    def logits(self, start: int, stop: int) -> np.ndarray:
-        """fp16 logits of rows [start, stop), [rows, B, K] (dense even in a top-k store)."""
-        if "logits" in self.specs:
-            return np.array(self.array("logits")[start:stop])
-        values, indices = self.array("topk_values")[start:stop], self.array("topk_indices")[start:stop]
-        return dense_logits(np.asarray(values), np.asarray(indices), self.meta["num_classes"])
+    def logits(self, rows: slice | np.ndarray) -> np.ndarray:
+        """Dense fp16 logits [rows, B, K] of some rows (a slice or an index array), whatever the codec."""
+        codec = LogitCodec.of(self.meta)
+        arrays = {name: self.array(name)[rows] for name in codec.array_names}
+        return np.array(codec.decode(arrays, self.meta["num_classes"]))
 
     def record(self, g: int) -> Record:
         """Record with global id ``g`` (O(1): one lookup, then one slice per array)."""
         r = self.row(g)
         arrays = {name: self.array(name) for name in self.specs}
         record = Record(img_idx=np.array(arrays["img_idx"][r]), crop=np.array(arrays["crop"][r]),
-                        flip=np.array(arrays["flip"][r]), logits=self.logits(r, r + 1)[0])
+                        flip=np.array(arrays["flip"][r]), logits=self.logits(slice(r, r + 1))[0])
         if "cutout_box" in arrays:
             record.cutout = Cutout(box=np.array(arrays["cutout_box"][r]), fill=np.array(arrays["cutout_fill"][r]))
         if "mix_perm" in arrays:
@@ -328,6 +423,8 @@ def storage_report(store: LabelStore) -> dict:
     meta = store.meta
     full_records = meta["epochs"] * meta["batches_per_epoch"]
     per_record = sum(data.values()) / max(len(store), 1)
+    logit_bytes = sum(data[name] for name in LogitCodec.of(meta).array_names)
+    full_logit_bytes = full_records * meta["batch_size"] * meta["num_classes"] * 2  # every record, fp16, all K
     return {
         "records": len(store),
         "full_records": full_records,
@@ -336,6 +433,8 @@ def storage_report(store: LabelStore) -> dict:
         "bytes_per_array": files,
         "full_bytes": int(per_record * full_records),
         "paper_logit_bytes": meta["epochs"] * meta["num_images"] * meta["num_classes"] * 2,
+        "logit_bytes": logit_bytes,
+        "logit_compression": full_logit_bytes / max(logit_bytes, 1),
     }
 
 
@@ -343,16 +442,16 @@ def _info(args: argparse.Namespace) -> None:
     store = LabelStore.open(args.path, verify_checksums=not args.no_verify)
     report = storage_report(store)
     meta = store.meta
-    kept = f", top {meta['topk']} per sample" if meta.get("topk") else ""
     print(f"{store.path}: {report['records']} of {report['full_records']} records "
           f"({meta['epochs']} epochs x {meta['batches_per_epoch']} batches of {meta['batch_size']} images, "
-          f"{meta['num_classes']} classes, fp16 logits{kept})")
+          f"{meta['num_classes']} classes, logits as {LogitCodec.of(meta).name})")
     for name, size in report["bytes_per_array"].items():
         print(f"  {name:12s} {size:>16,d} bytes")
     print(f"  on disk      {report['bytes_on_disk']:>16,d} bytes = {report['bytes_on_disk'] / GIB:.4g} GiB")
     print(f"  full labels  {report['full_bytes']:>16,d} bytes = {report['full_bytes'] / GIB:.4g} GiB "
           f"(logits alone E*N*K*2 = {report['paper_logit_bytes'] / GIB:.4g} GiB)")
-    print(f"  compression  {report['compression_factor']:.2f}x")
+    print(f"  compression  {report['compression_factor']:.2f}x in records, "
+          f"{report['logit_compression']:.2f}x in logit bytes against full fp16 logits")
 
 
 def register(subparsers) -> None:

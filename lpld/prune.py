@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import UserError
-from .labels import LabelStore, LabelStoreWriter
+from .labels import LabelStore, LabelStoreWriter, LogitCodec, add_codec_arguments, codec_from_args, storage_report
 from .workdir import WorkDir
 
 ROWS_PER_COPY = 256
@@ -64,7 +64,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 def _per_record(store: LabelStore, score_rows: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     """Apply a [rows, B, K] logits -> [rows] score in chunks (the logits can be many GiB)."""
     chunks = range(0, len(store), ROWS_PER_COPY)
-    return np.concatenate([score_rows(store.logits(i, i + ROWS_PER_COPY)) for i in chunks])
+    return np.concatenate([score_rows(store.logits(slice(i, i + ROWS_PER_COPY))) for i in chunks])
 
 
 def confidence(store: LabelStore) -> np.ndarray:
@@ -142,10 +142,12 @@ def plan(epoch: int, seed: int, pool, batches_per_epoch: int, kind: str = "rando
     return pool[rng.integers(0, len(pool), batches_per_epoch)].tolist()
 
 
-def pruned_header(header: dict, ratio: float, kind: str, seed: int) -> dict:
-    """The meta of a pruned store: the source's, with this pruning step appended to its history."""
+def pruned_header(header: dict, ratio: float, kind: str, seed: int, codec: LogitCodec | None = None) -> dict:
+    """The meta of a pruned store: the source's, with this pruning step appended to its history
+    (and the logit codec it is re-encoded to, if any)."""
     kept = {key: value for key, value in header.items() if key not in ("format", "num_records", "arrays")}
-    return dict(kept, prune=[*header["prune"], {"ratio": ratio, "pool": kind, "seed": seed}])
+    recoded = {"topk": codec.topk, "quant": codec.quant} if codec else {}
+    return dict(kept, prune=[*header["prune"], {"ratio": ratio, "pool": kind, "seed": seed}], **recoded)
 
 
 def pruned_path(workdir: WorkDir, ratio: float) -> Path:
@@ -153,25 +155,38 @@ def pruned_path(workdir: WorkDir, ratio: float) -> Path:
     return workdir.root / f"labels-r{ratio:g}"
 
 
-def prune_store(source: LabelStore, out: str | Path, ratio: float, kind: str = "random", seed: int = 0) -> Path:
-    """Write a store holding only the kept records of ``source`` (so the bytes on disk shrink)."""
+def prune_store(source: LabelStore, out: str | Path, ratio: float, kind: str = "random", seed: int = 0,
+                codec: LogitCodec | None = None) -> Path:
+    """Write a store holding only the kept records of ``source`` (so the bytes on disk shrink),
+    its logits re-encoded by ``codec`` when one is given (pruning and the codecs compose)."""
     kept = select_pool(source.ids, source.batches_per_epoch, ratio, kind, seed, store=source)
-    writer = LabelStoreWriter(out, pruned_header(source.meta, ratio, kind, seed), kept)
+    if codec == LogitCodec.of(source.meta):
+        codec = None
+    writer = LabelStoreWriter(out, pruned_header(source.meta, ratio, kind, seed, codec), kept)
     if writer.done:
         return writer.path
     rows = np.array([source.row(g) for g in kept])
-    for name in source.specs:
-        for start in range(0, len(rows), ROWS_PER_COPY):
-            chunk = rows[start : start + ROWS_PER_COPY]
-            writer.arrays[name][start : start + len(chunk)] = source.array(name)[chunk]
+    for start in range(0, len(rows), ROWS_PER_COPY):
+        chunk = rows[start : start + ROWS_PER_COPY]
+        part = slice(start, start + len(chunk))
+        copied = [name for name in source.specs if codec is None or name not in LogitCodec.of(source.meta).array_names]
+        for name in copied:
+            writer.arrays[name][part] = source.array(name)[chunk]
+        if codec is not None:
+            for name, value in codec.encode(source.logits(chunk)).items():
+                writer.arrays[name][part] = value
     return writer.finish()
 
 
 def _command(args: argparse.Namespace) -> None:
     source = LabelStore.open(args.source, verify_checksums=not args.no_verify)
-    out = prune_store(source, args.out, args.ratio, args.pool, args.seed)
+    out = prune_store(source, args.out, args.ratio, args.pool, args.seed,
+                      codec_from_args(args, LogitCodec.of(source.meta)))
     pruned = LabelStore.open(out, verify_checksums=False)
-    print(f"prune: kept {len(pruned)} of {len(source)} records ({compression_factor(args.ratio):g}x, pool {args.pool}) -> {out}")
+    storage = storage_report(pruned)
+    print(f"prune: kept {len(pruned)} of {len(source)} records ({compression_factor(args.ratio):g}x, pool {args.pool}), "
+          f"logits as {LogitCodec.of(pruned.meta).name}: {storage['logit_compression']:.4g}x fewer logit bytes "
+          f"than full fp16 -> {out}")
 
 
 def register(subparsers) -> None:
@@ -182,4 +197,5 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the subset pool")
     parser.add_argument("--out", required=True, help="directory of the pruned store")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the source arrays")
+    add_codec_arguments(parser)
     parser.set_defaults(func=_command)

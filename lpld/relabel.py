@@ -24,7 +24,8 @@ from tqdm import tqdm
 from . import distributed
 from .augment import Record, replay, sample_crop_boxes, sample_cutmix, sample_cutout, sample_flips
 from .errors import UserError
-from .labels import GIB, PARTIAL_BATCH_RULE, LabelStore, LabelStoreWriter, storage_report
+from .labels import (GIB, PARTIAL_BATCH_RULE, LabelStore, LabelStoreWriter, LogitCodec, add_codec_arguments,
+                     codec_from_args, storage_report)
 from .recipes import Recipe, add_recipe_arguments, recipe_from_args
 from .workdir import WorkDir
 
@@ -57,16 +58,15 @@ def epoch_records(header: dict, epoch: int) -> list[Record]:
 
 
 def label_header(recipe: Recipe, images: torch.Tensor, dataset_fingerprint: str, teacher_fingerprint: str,
-                 topk: int = 0) -> dict:
+                 codec: LogitCodec = LogitCodec()) -> dict:
     """Everything a label store records about how it was made (the meta minus array checksums).
 
-    ``topk`` > 0 keeps only the k largest logits per sample (values + class indices; the rest
-    read back as -inf). Off by default: the paper stores full K, and LPLD's point is that pruning
-    whole records already gives 10-100x.
+    ``codec`` keeps fewer or narrower logits (top-k, int8, fp8; see ``labels.LogitCodec``). The
+    default is the paper's full fp16 logits: LPLD's point is that pruning whole records already
+    gives 10-100x, and the codecs compose with it.
     """
     config = recipe.relabel
-    if not 0 <= topk <= recipe.data.num_classes:
-        raise UserError(f"--topk {topk}: must be between 0 (full logits) and the class count {recipe.data.num_classes}")
+    codec.check(recipe.data.num_classes)
     if config.flip not in ("flip", "cutout") or config.mix not in ("cutmix", "none"):
         raise UserError(f"relabel.flip={config.flip!r}, relabel.mix={config.mix!r}: "
                         "flip must be flip or cutout and mix must be cutmix or none")
@@ -82,7 +82,7 @@ def label_header(recipe: Recipe, images: torch.Tensor, dataset_fingerprint: str,
         "batches_per_epoch": num_images // config.batch_size, "partial_batches": PARTIAL_BATCH_RULE,
         "size": recipe.data.resolution, "mean": list(recipe.data.mean), "std": list(recipe.data.std),
         "crop_scale": list(config.crop_scale), "flip": config.flip, "mix": config.mix,
-        "seeds": {"relabel": config.seed}, "logits_dtype": "float16", "topk": topk, "prune": [],
+        "seeds": {"relabel": config.seed}, "topk": codec.topk, "quant": codec.quant, "prune": [],
         "dataset_fingerprint": dataset_fingerprint, "teacher_fingerprint": teacher_fingerprint,
         "recipe": recipe.settings("data", "model", "relabel"),
     }
@@ -132,7 +132,7 @@ def generate(teacher: nn.Module, images: torch.Tensor, out: str | Path, header: 
 
 
 def relabel(recipe: Recipe, workdir: WorkDir, device: torch.device | str, only_kept: bool = False,
-            topk: int = 0) -> Path:
+            codec: LogitCodec = LogitCodec()) -> Path:
     """``lpld relabel``: label the distilled images in workdir with its teacher.
 
     ``only_kept`` writes just the records that ``lpld prune`` would keep at recipe.prune (ratio,
@@ -145,7 +145,7 @@ def relabel(recipe: Recipe, workdir: WorkDir, device: torch.device | str, only_k
     distributed.init()
     distilled = data.load_distilled(workdir.distilled, recipe.data.channels)
     teacher = models.load_teacher(workdir.teacher, recipe, device)
-    header = label_header(recipe, distilled.images, distilled.fingerprint, models.model_fingerprint(teacher), topk)
+    header = label_header(recipe, distilled.images, distilled.fingerprint, models.model_fingerprint(teacher), codec)
     ids, out = None, workdir.labels
     if only_kept:
         config = recipe.prune
@@ -165,7 +165,7 @@ def relabel(recipe: Recipe, workdir: WorkDir, device: torch.device | str, only_k
 def _command(args: argparse.Namespace) -> None:
     recipe = recipe_from_args(args)
     workdir = WorkDir.for_recipe(args.workdir, recipe.name)
-    relabel(recipe, workdir, distributed.device(args.device), args.generate_only_kept, args.topk)
+    relabel(recipe, workdir, distributed.device(args.device), args.generate_only_kept, codec_from_args(args))
 
 
 def register(subparsers) -> None:
@@ -173,6 +173,5 @@ def register(subparsers) -> None:
     add_recipe_arguments(parser)
     parser.add_argument("--generate-only-kept", action="store_true",
                         help="write only the records that prune keeps at recipe.prune.ratio/pool/seed (scored pools need full labels)")
-    parser.add_argument("--topk", type=int, default=0,
-                        help="store only the k largest logits per sample (extension; default 0 = full fp16 logits, as the paper)")
+    add_codec_arguments(parser)
     parser.set_defaults(func=_command)

@@ -18,7 +18,7 @@ def _header(flip="flip", mix="cutmix"):
     return {
         "num_images": N, "channels": C, "image_size": [20, 24], "batch_size": B, "num_classes": K, "epochs": E,
         "batches_per_epoch": N // B, "size": SIZE, "flip": flip, "mix": mix, "seeds": {"relabel": 1},
-        "prune": [], "dataset_fingerprint": "d", "teacher_fingerprint": "t", "logits_dtype": "float16",
+        "prune": [], "dataset_fingerprint": "d", "teacher_fingerprint": "t",
     }
 
 
@@ -37,9 +37,9 @@ def _random_record(generator, flip, mix):
     return record
 
 
-def write_store(path, ids, flip="flip", mix="cutmix", seed=0, topk=0):
+def write_store(path, ids, flip="flip", mix="cutmix", seed=0, topk=0, quant="fp16"):
     generator = torch.Generator().manual_seed(seed)
-    writer = LabelStoreWriter(path, dict(_header(flip, mix), topk=topk), ids)
+    writer = LabelStoreWriter(path, dict(_header(flip, mix), topk=topk, quant=quant), ids)
     written = {}
     for row, g in enumerate(ids):
         written[int(g)] = _random_record(generator, flip, mix)
@@ -184,7 +184,7 @@ def test_topk_store_keeps_the_k_largest_logits(tmp_path):
 
     written = write_store(tmp_path / "s", np.arange(4), topk=3)
     store = LabelStore.open(tmp_path / "s")
-    assert "logits" not in store.specs and store.array("topk_indices").dtype == np.int16
+    assert "logits" not in store.specs and store.array("topk_indices").dtype == np.uint8  # K <= 256
     for g, want in written.items():
         full = torch.from_numpy(want.logits).double()
         top = full.topk(3, dim=-1)
@@ -196,3 +196,61 @@ def test_topk_store_keeps_the_k_largest_logits(tmp_path):
         probs = torch.softmax(full, -1).gather(-1, top.indices)
         torch.testing.assert_close(torch.softmax(got.double(), -1).gather(-1, top.indices), probs / probs.sum(-1, keepdim=True))
         assert torch.isfinite(soft_kl_div(torch.randn(B, K), got.float(), temperature=4.0, backend="torch"))
+
+
+def _codec_bound(quant, reference):
+    """Largest error each codec may make on fp16 logits [..., k] (float64), from its number format alone."""
+    if quant == "int8":  # half a step of (max - min) / 255, plus fp16 rounding of the scale and offset
+        spread = reference.max(-1, keepdim=True).values - reference.min(-1, keepdim=True).values
+        return spread / 255 / 2 + 256 * spread / 255 * 2**-11 + reference.abs().max(-1, keepdim=True).values * 2**-11
+    shifted = reference - reference.max(-1, keepdim=True).values  # fp8 e4m3: 3 mantissa bits, subnormals below 2^-6
+    return shifted.abs() * 2**-4 + 2**-10
+
+
+@pytest.mark.parametrize("topk", [0, 3])
+@pytest.mark.parametrize("quant", ["int8", "fp8"])
+def test_quantized_logits_stay_within_their_format_bound(tmp_path, topk, quant):
+    written = write_store(tmp_path / "s", np.arange(4), topk=topk, quant=quant)
+    store = LabelStore.open(tmp_path / "s")
+    value_name = "topk_values" if topk else "logits"
+    assert store.array(value_name).dtype == np.uint8 and ("logit_scale" in store.specs) == (quant == "int8")
+    for g, want in written.items():
+        full = torch.from_numpy(want.logits).double()
+        kept = full.topk(topk, dim=-1) if topk else None
+        reference = kept.values if topk else full
+        got = torch.from_numpy(store.record(g).logits).double()
+        if topk:
+            assert torch.equal(torch.isfinite(got), torch.zeros_like(got, dtype=torch.bool).scatter(-1, kept.indices, True))
+            got = got.gather(-1, kept.indices)
+        if quant == "fp8":  # stored relative to the sample maximum: compare after the same shift
+            reference = reference - reference.max(-1, keepdim=True).values
+        assert ((got - reference).abs() <= _codec_bound(quant, reference)).all()
+
+
+def test_quantization_changes_the_soft_labels_little(tmp_path):
+    """What training sees, softmax(z / T) at the demo's T = 20, on logits spread over +-30: int8 moves
+    it by < 1e-3; fp8 (3 mantissa bits, ~6% of each logit's distance to the top) by < 1e-2."""
+    for quant, atol in (("int8", 1e-3), ("fp8", 1e-2)):
+        written = write_store(tmp_path / quant, np.arange(4), quant=quant)
+        store = LabelStore.open(tmp_path / quant)
+        for g, want in written.items():
+            target = torch.softmax(torch.from_numpy(want.logits).double() / 20, -1)
+            got = torch.softmax(torch.from_numpy(store.record(g).logits).double() / 20, -1)
+            torch.testing.assert_close(got, target, atol=atol, rtol=0)
+
+
+def test_logit_bytes_and_compression_of_each_codec(tmp_path):
+    for topk, quant, per_sample in ((0, "fp16", K * 2), (0, "int8", K + 4), (0, "fp8", K), (3, "fp16", 3 * 2 + 3),
+                                    (3, "int8", 3 + 4 + 3), (3, "fp8", 3 + 3)):
+        path = tmp_path / f"{topk}{quant}"
+        write_store(path, np.arange(6), topk=topk, quant=quant)
+        report = labels.storage_report(LabelStore.open(path))
+        assert report["logit_bytes"] == 6 * B * per_sample
+        assert report["logit_compression"] == pytest.approx(E * (N // B) * B * K * 2 / (6 * B * per_sample))
+
+
+def test_unknown_codec_is_refused(tmp_path):
+    with pytest.raises(UserError, match="quantization 'int4'"):
+        write_store(tmp_path / "s", np.arange(2), quant="int4")
+    with pytest.raises(UserError, match="--topk 8"):
+        write_store(tmp_path / "t", np.arange(2), topk=K + 1)

@@ -106,3 +106,28 @@ def test_pruned_store_is_smaller_and_holds_the_kept_records(full_store, tmp_path
             np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
     size = lambda store: (store.path / "logits.npy").stat().st_size - 128  # noqa: E731 (npy header)
     assert size(pruned) * 4 == size(full_store)
+
+
+def test_pruning_re_encodes_and_keeps_the_source_codec_by_default(full_store, tmp_path):
+    parser = argparse.ArgumentParser()
+    prune.register(parser.add_subparsers())
+    run = lambda *flags: parser.parse_args(["prune", *flags]).func(parser.parse_args(["prune", *flags]))  # noqa: E731
+    run(str(full_store.path), "--ratio", "0.75", "--topk", "2", "--quant", "fp8", "--out", str(tmp_path / "top2"))
+    top2 = LabelStore.open(tmp_path / "top2")
+    assert (top2.meta["topk"], top2.meta["quant"]) == (2, "fp8") and len(top2) == 3
+    for g in top2.ids:
+        a, b = top2.record(g), full_store.record(g)
+        for name in ("img_idx", "crop", "flip", "mix_perm", "mix_box"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+        full = torch.from_numpy(b.logits).double()
+        kept = full.topk(2, dim=-1).indices
+        got = torch.from_numpy(a.logits).double()
+        assert torch.isfinite(got).sum(-1).eq(2).all() and torch.isfinite(got.gather(-1, kept)).all()
+        # the kept values keep their gap (fp8 is relative to the maximum)
+        gap = full.gather(-1, kept).diff(dim=-1)
+        torch.testing.assert_close(got.gather(-1, kept).diff(dim=-1), gap, atol=0.2 * gap.abs().max().item() + 0.01, rtol=0)
+    # pruning a top-2 fp8 store again without codec flags keeps top-2 fp8
+    run(str(tmp_path / "top2"), "--ratio", "0.5", "--out", str(tmp_path / "again"))
+    again = LabelStore.open(tmp_path / "again")
+    assert (again.meta["topk"], again.meta["quant"]) == (2, "fp8")
+    np.testing.assert_array_equal(again.array("topk_values"), top2.array("topk_values")[: len(again)])

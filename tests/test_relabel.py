@@ -8,7 +8,7 @@ from torch import nn
 
 from lpld import augment, distributed, prune, relabel
 from lpld.errors import UserError
-from lpld.labels import LabelStore
+from lpld.labels import LabelStore, LogitCodec
 from lpld.recipes import get_recipe
 
 N = 23  # with batch 5: 4 batches per epoch, 3 images of each epoch order unlabelled
@@ -200,7 +200,7 @@ def test_teacher_with_another_class_count_is_refused(tmp_path, images):
 
 def test_topk_relabel_stores_the_top_of_the_full_logits(tmp_path, images):
     full = _generate(tmp_path / "full", images)
-    header = relabel.label_header(_recipe(), images, "data-fp", "teacher-fp", topk=4)
+    header = relabel.label_header(_recipe(), images, "data-fp", "teacher-fp", LogitCodec(topk=4))
     top = _generate(tmp_path / "top", images, header=header)
     assert top.meta["topk"] == 4
     for g in (0, 5, 11):
@@ -208,4 +208,4 @@ def test_topk_relabel_stores_the_top_of_the_full_logits(tmp_path, images):
         assert (np.isfinite(kept).sum(-1) == 4).all()
         np.testing.assert_array_equal(np.sort(kept, -1)[:, -4:], np.sort(dense, -1)[:, -4:])
     with pytest.raises(UserError, match="--topk 11"):
-        relabel.label_header(_recipe(), images, "d", "t", topk=11)
+        relabel.label_header(_recipe(), images, "d", "t", LogitCodec(topk=11))
