@@ -125,8 +125,13 @@ def _diversity_main(args: argparse.Namespace) -> None:
     print(f"diversity: mean within-class cosine similarity {report.mean:.4f} over {len(report.per_class)} classes "
           f"({args.path})")
     name = args.name or set_name(args.path)
-    document = json.dumps({"name": name, "path": str(args.path), **report.to_dict()}, indent=1)
-    for target in (workdir.diversity(name), *([Path(args.json)] if args.json else [])):
+    write_diversity(workdir, name, args.path, report, *([Path(args.json)] if args.json else []))
+    print(f"diversity: written to {workdir.diversity(name)} (read by `lpld report`)")
+
+
+def write_diversity(workdir: WorkDir, name: str, path: str | Path, report: Diversity, *copies: Path) -> None:
+    """The analysis file `lpld report` reads (workdir/analysis/diversity-NAME.json), and any copies."""
+    document = json.dumps({"name": name, "path": str(path), **report.to_dict()}, indent=1)
+    for target in (workdir.diversity(name), *copies):
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(document)
-    print(f"diversity: written to {workdir.diversity(name)} (read by `lpld report`)")

@@ -73,6 +73,14 @@ class LogitCodec:
     def of(cls, meta: dict) -> "LogitCodec":
         return cls(meta.get("topk", 0), meta.get("quant", "fp16"))
 
+    @classmethod
+    def parse(cls, name: str) -> "LogitCodec":
+        """The inverse of ``name``: "fp8" or "top2-fp8" (ValueError for anything else)."""
+        top, _, quant = name.rpartition("-")
+        if quant not in QUANTS or (top and not (top.startswith("top") and top[3:].isdigit() and int(top[3:]) > 0)):
+            raise ValueError(f"not a logit codec: {name!r}")
+        return cls(int(top[3:]) if top else 0, quant)
+
     def check(self, num_classes: int) -> "LogitCodec":
         if self.quant not in QUANTS:
             raise UserError(f"logit quantization {self.quant!r}: choose one of {', '.join(QUANTS)}")

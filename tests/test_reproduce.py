@@ -1,0 +1,71 @@
+"""lpld reproduce: a tiny grid end to end, its numbers against the students it trained, and a rerun that trains nothing."""
+import json
+import statistics
+
+import numpy as np
+import pytest
+
+from lpld.cli import main
+from lpld.labels import LogitCodec
+from lpld.reproduce import Cell, Grid
+
+from test_run import TINY
+from test_train import CLASSES, write_folder
+
+
+def test_cells_and_codec_names():
+    grid = Grid(ipcs=(2, 4), epochs=(4, 2), ratios=(0.0, 0.5), frontier=("0.5:top2-fp8",), seeds=1)
+    assert len(grid.cells) == 2 * 2 * 2 + 2 and grid.epochs_of(4) == 2
+    assert Cell("class-wise", 2, 0.5, "top2-fp8") in grid.cells  # frontier cells at the smallest IPC
+    assert Cell("across-class", 2, 0.975).student(1) == "r0.975-s1"
+    assert Cell("across-class", 2, 0.975, "int8").labels == "labels-r0.975-int8"
+    assert [LogitCodec.parse(n) for n in ("fp16", "fp8", "top2-int8")] == [LogitCodec(), LogitCodec(0, "fp8"), LogitCodec(2, "int8")]
+    for bad in ("top-fp8", "top2", "int4", "top0-fp8"):
+        with pytest.raises(ValueError):
+            LogitCodec.parse(bad)
+    with pytest.raises(Exception, match="RATIO:CODEC"):
+        Grid(frontier=("0.9:int4",))
+    with pytest.raises(Exception, match="one value per IPC"):
+        Grid(ipcs=(10, 50), epochs=(100,))
+
+
+def test_reproduce_grid_end_to_end_then_resumes(tmp_path):
+    write_folder(tmp_path / "real" / "train", 4, seed=1)
+    write_folder(tmp_path / "real" / "val", 3, seed=2)
+    workdir = tmp_path / "run"
+    args = ["reproduce", "--workdir", str(workdir), "--data", str(tmp_path / "real"), "--device", "cpu",
+            *[item for override in TINY if not override.startswith(("relabel.epochs", "train.epochs", "recover.ipc"))
+              for item in ("--set", override)],
+            "--ipc", "4", "--epochs", "4", "--ratios", "0", "0.75", "--frontier", "0.75:top2-fp8", "--seeds", "2",
+            "--jobs", "2", "--name", "tiny"]
+    assert main(args) == 0
+    out = workdir / "reproduce"
+    results = json.loads((out / "tiny.json").read_text())
+    assert (out / "tiny.png").stat().st_size > 0 and "| 4 | class-wise |" in (out / "tiny.md").read_text()
+    assert {(s["batching"], s["ipc"]) for s in results["sets"]} == {("class-wise", 4), ("across-class", 4)}
+    assert len(results["cells"]) == 6
+    for cell in results["cells"]:
+        students = out / f"{cell['batching']}-ipc4" / "students"
+        name = Cell(cell["batching"], 4, cell["ratio"], cell["codec"]).student
+        top1 = [json.loads((students / name(seed) / "summary.json").read_text())["top1"] for seed in (0, 1)]
+        assert cell["top1"] == top1 and cell["mean"] == pytest.approx(np.mean(top1))
+        assert cell["std"] == pytest.approx(np.std(top1, ddof=1))
+        records = 12 if cell["ratio"] == 0 else 3  # 4 epochs x 3 batches of 4; a quarter kept
+        per_sample = {"fp16": CLASSES * 2, "top2-fp8": 2 + 2}[cell["codec"]]  # fp8 values + uint8 indices
+        assert (cell["records"], cell["logit_bytes"]) == (records, records * 4 * per_sample)
+        assert cell["compression"] == pytest.approx(12 * 4 * CLASSES * 2 / (records * 4 * per_sample))
+    diversity = json.loads((out / "class-wise-ipc4" / "analysis" / "diversity-class-wise.json").read_text())
+    assert [s["mean_cosine"] for s in results["sets"] if s["batching"] == "class-wise"] == [diversity["mean_cosine"]]
+    of = {(c["batching"], c["ratio"], c["codec"]): c["mean"] for c in results["cells"]}
+    claim, = results["claims"]
+    assert claim["class_wise_minus_across_class"] == pytest.approx(of["class-wise", 0.75, "fp16"] - of["across-class", 0.75, "fp16"])
+    assert claim["drop_across_class"] == pytest.approx(of["across-class", 0.0, "fp16"] - of["across-class", 0.75, "fp16"])
+    assert (out / "class-wise-ipc4" / "teacher.safetensors").resolve() == (workdir / "teacher.safetensors").resolve()
+
+    checkpoints = sorted(out.glob("*/students/*/checkpoint.pt"))
+    stamps = [path.stat().st_mtime_ns for path in checkpoints]
+    assert len(checkpoints) == 12
+    assert main(args) == 0  # everything resumes from its artifact: no student trains again
+    assert [path.stat().st_mtime_ns for path in checkpoints] == stamps
+    again = json.loads((out / "tiny.json").read_text())
+    assert again["cells"] == results["cells"] and statistics.fmean(again["cells"][0]["top1"]) == results["cells"][0]["mean"]
