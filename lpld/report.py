@@ -484,6 +484,27 @@ def diversity_section(page: Page, workdir: WorkDir, names: dict[str, str]) -> No
     page.data["diversity"] = series
 
 
+def reproduce_section(page: Page, workdir: WorkDir) -> None:
+    """The grids ``lpld reproduce`` left in the work directory: each one's plot and measured claims."""
+    from . import reproduce
+
+    folder = workdir.root / "reproduce"
+    grids = [(path, read_json(path)) for path in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    grids = [(path, result) for path, result in grids if isinstance(result, dict) and {"cells", "claims"} <= result.keys()]
+    if not grids:
+        return
+    page.heading("Class-wise vs across-class batching under label compression")
+    for path, result in grids:
+        page.text(f"Grid `{path.stem}` ({path}), made by `{result.get('command') or 'lpld reproduce'}`: student top-1 "
+                  "against the compression of the stored logits, mean and standard deviation over seeds.")
+        page.figure(f"reproduce-{path.stem}.png", reproduce.figure(result), f"top-1 against label compression ({path.stem})")
+        page.table(["IPC", "pruned", "class-wise - across-class", "seed spread", "class-wise drop from 1x",
+                    "across-class drop from 1x"],
+                   [[c["ipc"], f"{c['ratio']:g}", f"{c['class_wise_minus_across_class']:+.2f}", f"{c['seed_spread']:.2f}",
+                     f"{c['drop_class_wise']:.2f}", f"{c['drop_across_class']:.2f}"] for c in result["claims"]])
+    page.data["reproduce"] = {path.stem: result["claims"] for path, result in grids}
+
+
 # ---------------------------------------------------------------- stages and accuracy tables
 
 def stages_section(page: Page, run_summary: dict | None, finished: list[dict]) -> None:
@@ -582,6 +603,7 @@ def write_report(workdir: WorkDir, classes: str | None = None, compare: list = (
     names = distilled_section(page, workdir, classes, compare)
     accuracy_section(page, run_summary, finished, recipe, manifest.get("ipc"))
     diversity_section(page, workdir, names)
+    reproduce_section(page, workdir)
     stages_section(page, run_summary, finished)
     for name in unfinished:
         page.lack(f"student {name} has not finished",

@@ -251,13 +251,12 @@ def format_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict, path: Path) -> None:
+def figure(results: dict):
     """Top-1 against logit compression (log x): a line per batching and IPC over the pruning
     ratios (error bars: seed standard deviation), the codec cells as open markers."""
     from .report import pyplot
 
-    plt = pyplot()
-    figure, axis = plt.subplots(figsize=(8, 5))
+    drawing, axis = pyplot().subplots(figsize=(8, 5))
     colors = {"class-wise": "tab:blue", "across-class": "tab:red"}
     ipcs = sorted({c["ipc"] for c in results["cells"]})
     styles = dict(zip(ipcs, ("-", "--", ":", "-.")))
@@ -283,16 +282,19 @@ def plot(results: dict, path: Path) -> None:
     axis.set_title(f"{results['recipe']}: class-wise vs across-class batching under label compression")
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=8, loc="lower left")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    drawing.tight_layout()
+    return drawing
 
 
 def write_results(stem: Path, results: dict) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
     stem.with_suffix(".md").write_text(format_table(results))
-    plot(results, stem.with_suffix(".png"))
+    from .report import pyplot
+
+    picture = figure(results)
+    picture.savefig(stem.with_suffix(".png"), dpi=120)
+    pyplot().close(picture)
     print(format_table(results))
     print(f"reproduce: {stem.with_suffix('.json')}, {stem.with_suffix('.md')}, {stem.with_suffix('.png')} "
           f"({results['wall_seconds'] / 60:.1f} min)")

@@ -62,6 +62,10 @@ def test_reproduce_grid_end_to_end_then_resumes(tmp_path):
     assert claim["drop_across_class"] == pytest.approx(of["across-class", 0.0, "fp16"] - of["across-class", 0.75, "fp16"])
     assert (out / "class-wise-ipc4" / "teacher.safetensors").resolve() == (workdir / "teacher.safetensors").resolve()
 
+    assert main(["report", "--workdir", str(workdir)]) == 0  # the report shows the grid's claims
+    page = json.loads((workdir / "report" / "report.json").read_text())
+    assert page["reproduce"] == {"tiny": results["claims"]} and (workdir / "report" / "reproduce-tiny.png").is_file()
+
     checkpoints = sorted(out.glob("*/students/*/checkpoint.pt"))
     stamps = [path.stat().st_mtime_ns for path in checkpoints]
     assert len(checkpoints) == 12
