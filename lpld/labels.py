@@ -449,7 +449,7 @@ def _verify(args: argparse.Namespace) -> None:
     for name, hashing in store.hashed.items():
         size = (store.path / f"{name}.npy").stat().st_size
         total += size
-        print(f"  {name:12s} {size / GB:10.3f} GB in {hashing:8.2f} s = {size / GB / max(hashing, 1e-9):6.2f} GB/s")
+        print(f"  {name:12s} {size:>16,d} bytes in {hashing:8.3f} s = {size / GB / max(hashing, 1e-9):6.2f} GB/s")
     print(f"{store.path}: all {len(store.hashed)} arrays match meta.json's sha256: {total / GB:.3f} GB "
           f"in {seconds:.2f} s = {total / GB / max(seconds, 1e-9):.2f} GB/s")
 
