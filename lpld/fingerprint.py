@@ -11,11 +11,14 @@ from pathlib import Path
 import torch
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+def file_sha256(path: str | Path, chunk: int = 8 << 20) -> str:
+    """sha256 of a file of any size in constant memory: large reads into one reused buffer, and
+    hashlib releases the GIL while it digests them, so threads can hash several files at once."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
+    buffer = memoryview(bytearray(chunk))
+    with open(path, "rb", buffering=0) as handle:
+        while size := handle.readinto(buffer):
+            digest.update(buffer[:size])
     return digest.hexdigest()
 
 

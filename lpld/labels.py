@@ -7,6 +7,12 @@ label set is a handful of columnar arrays whose row r holds the record with glob
 is the same format with fewer rows, and the whole set is checked against the sha256 recorded per
 array in meta.json before anything trains on it.
 
+Hashing a full-size store takes minutes (ImageNet-21K logits are ~655 GB), so it runs once: the
+writer, or the first open, records in verified.json each array's sha256 next to what ``stat``
+says about its file (size, mtime, ctime, inode), and an open whose files still match that stamp
+skips the hashing. Rewriting, replacing or copying a file changes its stat and forces the hash
+again; damage that stat cannot see (bit rot) takes ``lpld labels verify``, which ignores the stamp.
+
 Partial batches never exist: an epoch's order holds N images but only nb = N // B batches are
 labelled (the last N % B images of that order are skipped), so every record has exactly B rows
 and no "g - 1" remap is needed (SPEC.md section 5).
@@ -22,6 +28,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +46,10 @@ from .fingerprint import file_sha256
 FORMAT = "lpld-labels/1"
 META = "meta.json"
 PROGRESS = "progress.json"
+VERIFIED = "verified.json"
+STAMP_FORMAT = "lpld-labels-verified/1"
 GIB = 1024**3
+GB = 1e9
 REQUIRED_META = ("num_images", "batch_size", "num_classes", "channels", "epochs", "batches_per_epoch",
                  "num_records", "size", "flip", "mix", "arrays")
 PARTIAL_BATCH_RULE = "excluded: batches_per_epoch = num_images // batch_size; the last images of each epoch order are not labelled"
@@ -183,6 +196,49 @@ def _write_json(path: Path, value: dict) -> None:
     write_atomically(path, lambda partial: partial.write_text(json.dumps(value, indent=1, sort_keys=True)))
 
 
+def _file_state(file: Path) -> dict:
+    """What stat says about a file: any rewrite, replacement or copy (even one keeping the mtime)
+    changes one of these, so a stamp that still matches them vouches for the bytes it hashed."""
+    stat = file.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns, "inode": stat.st_ino}
+
+
+def _hash_arrays(path: Path, names: list[str]) -> dict[str, tuple[str, float]]:
+    """sha256 and hashing seconds of each array file, one thread per file (up to the cores): one
+    file hashes at ~1-2 GB/s on one core, and hashlib releases the GIL, so threads overlap."""
+    def timed(name: str) -> tuple[str, float]:
+        start = time.perf_counter()
+        return file_sha256(path / f"{name}.npy"), time.perf_counter() - start
+
+    if not names:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(len(names), os.cpu_count() or 1)) as pool:
+        return dict(zip(names, pool.map(timed, names)))
+
+
+def _write_stamp(path: Path, arrays: dict[str, dict]) -> None:
+    """Record that the arrays with these file states hash to these sha256s (meta.json's state too).
+
+    A store that cannot be written to (read-only copy) still opens; it is hashed on every open."""
+    stamp = {"format": STAMP_FORMAT, META: _file_state(path / META), "arrays": arrays}
+    try:
+        _write_json(path / VERIFIED, stamp)
+    except OSError as error:
+        warnings.warn(f"{path}: cannot write {VERIFIED} ({error}); every open hashes the arrays again "
+                      "(make the directory writable once and run `lpld labels verify` on it)", stacklevel=2)
+
+
+def _read_stamp(path: Path) -> dict:
+    """The stamp's entry per array, or {} when absent, unreadable, or made for another meta.json."""
+    try:
+        stamp = json.loads((path / VERIFIED).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    if not isinstance(stamp, dict) or stamp.get("format") != STAMP_FORMAT or stamp.get(META) != _file_state(path / META):
+        return {}
+    return stamp.get("arrays", {}) if isinstance(stamp.get("arrays"), dict) else {}
+
+
 def _put(arrays: dict, codec: LogitCodec, row: int, record: Record) -> None:
     arrays["img_idx"][row] = record.img_idx
     arrays["crop"][row] = record.crop
@@ -205,7 +261,8 @@ class LabelStoreWriter:
     seeds, fingerprints). The first writer creates every array at full size; a later writer
     with the same header and ids (a resumed run, or another torchrun rank after a barrier)
     reopens them, so ranks can fill disjoint rows of one store. progress.json lists the epochs
-    whose rows are all on disk; ``finish`` checksums the arrays and writes meta.json.
+    whose rows are all on disk; ``finish`` checksums the arrays, writes meta.json and stamps the
+    store as verified (its hashes were just computed, so the first open does not hash again).
     """
 
     def __init__(self, path: str | Path, header: dict, ids: np.ndarray):
@@ -266,16 +323,17 @@ class LabelStoreWriter:
         self._save_progress()
 
     def finish(self) -> Path:
-        """Checksum every array and write meta.json: from now on the store opens."""
+        """Checksum every array, write meta.json and the verified stamp: from now on the store opens."""
         if self.done:
             return self.path
         self.flush()
-        arrays = {
-            name: {"shape": list(shape), "dtype": dtype.str, "sha256": file_sha256(self.path / f"{name}.npy")}
-            for name, (shape, dtype) in self.specs.items()
-        }
         self.arrays = {}
+        states = {name: _file_state(self.path / f"{name}.npy") for name in self.specs}  # before hashing: a later write shows
+        digests = {name: digest for name, (digest, _) in _hash_arrays(self.path, list(self.specs)).items()}
+        arrays = {name: {"shape": list(shape), "dtype": dtype.str, "sha256": digests[name]}
+                  for name, (shape, dtype) in self.specs.items()}
         _write_json(self.path / META, dict(self.header, arrays=arrays))
+        _write_stamp(self.path, {name: dict(states[name], sha256=digests[name]) for name in self.specs})
         (self.path / PROGRESS).unlink()
         self.done = True
         return self.path
@@ -295,13 +353,15 @@ class LabelStore:
     """A finished label store, verified at open and read record by record through memmaps.
 
     The memmaps are opened lazily in each process (``__getstate__`` drops them), so a
-    DataLoader worker that receives the store by pickling maps the files itself.
+    DataLoader worker that receives the store by pickling maps the files itself. ``hashed`` holds
+    the seconds spent hashing each array at open (empty when the stamp vouched for all of them).
     """
 
     def __init__(self, path: Path, meta: dict):
         self.path, self.meta = path, meta
         self.specs = array_specs(meta)
         self._arrays: dict[str, np.ndarray] = {}
+        self.hashed: dict[str, float] = {}
         self.ids = np.load(path / "ids.npy", allow_pickle=False)
         total = meta["epochs"] * meta["batches_per_epoch"]
         self._row_of = np.full(total, -1, dtype=np.int64)
@@ -309,12 +369,18 @@ class LabelStore:
 
     @classmethod
     def open(cls, path: str | Path, expect_images: int | None = None, expect_classes: int | None = None,
-             verify_checksums: bool = True) -> "LabelStore":
+             verify_checksums: bool = True, trust_stamp: bool = True) -> "LabelStore":
         """Open and verify a store; refuse (UserError) anything incomplete, corrupt or mismatched.
 
-        Sizes, shapes and dtypes are always checked against meta.json; the sha256 of every array
-        is checked too unless ``verify_checksums`` is False (hashing runs at roughly 1 GB/s, so a
-        100 GB store costs minutes: turn it off only for a store verified before).
+        Sizes, shapes and dtypes are always checked against meta.json. Unless ``verify_checksums``
+        is False, so is the sha256 of every array that verified.json does not vouch for (all of
+        them when ``trust_stamp`` is False), and the stamp is renewed: the first open of a copied
+        store hashes it (~1-2 GB/s per array, in parallel), later opens cost a few ``stat`` calls.
+
+        Under torchrun the stages verify on rank 0 only, and the other ranks wait for it in
+        ``distributed.barrier``: a store poll, not a collective, so a first hash that takes
+        minutes never runs out a collective's (NCCL watchdog's) timeout, and a corrupt store
+        stops every rank with rank 0's message (``cli.main`` publishes it).
         """
         path = Path(path)
         if not (path / META).is_file():
@@ -340,13 +406,33 @@ class LabelStore:
         if set(meta.get("arrays", {})) != set(specs):
             raise UserError(f"{path}: meta lists arrays {sorted(meta.get('arrays', {}))}, expected {sorted(specs)}")
         for name, (shape, dtype) in specs.items():
-            cls._verify_array(path, name, shape, dtype, meta["arrays"][name], verify_checksums)
+            cls._verify_array(path, name, shape, dtype, meta["arrays"][name])
+        hashed = cls._verify_checksums(path, meta, trust_stamp) if verify_checksums else {}
         store = cls(path, meta)
+        store.hashed = hashed
         store._verify_contents()
         return store
 
     @staticmethod
-    def _verify_array(path: Path, name: str, shape, dtype, declared: dict, verify_checksum: bool) -> None:
+    def _verify_checksums(path: Path, meta: dict, trust_stamp: bool) -> dict[str, float]:
+        """Hash the arrays the stamp does not vouch for, compare with meta.json, renew the stamp;
+        return the seconds spent per array hashed."""
+        declared = {name: entry["sha256"] for name, entry in meta["arrays"].items()}
+        states = {name: _file_state(path / f"{name}.npy") for name in declared}  # before hashing: a later write shows
+        stamped = _read_stamp(path) if trust_stamp else {}
+        vouched = {name: dict(states[name], sha256=declared[name]) for name in declared}
+        stale = [name for name in declared if stamped.get(name) != vouched[name]]
+        hashed = _hash_arrays(path, stale)
+        for name, (digest, _) in hashed.items():
+            if digest != declared[name]:
+                raise UserError(f"{path / f'{name}.npy'}: sha256 differs from meta.json (corrupted or modified); "
+                                "re-copy or regenerate the store")
+        if stale:
+            _write_stamp(path, vouched)
+        return {name: seconds for name, (_, seconds) in hashed.items()}
+
+    @staticmethod
+    def _verify_array(path: Path, name: str, shape, dtype, declared: dict) -> None:
         file = path / f"{name}.npy"
         if not file.is_file():
             raise UserError(f"{path}: array file {file.name} is missing; regenerate or re-copy the store")
@@ -364,8 +450,6 @@ class LabelStore:
         size = offset + int(np.prod(shape)) * dtype.itemsize
         if file.stat().st_size != size:
             raise UserError(f"{file}: {file.stat().st_size} bytes, expected {size} (truncated or padded); re-copy the store")
-        if verify_checksum and file_sha256(file) != declared["sha256"]:
-            raise UserError(f"{file}: sha256 differs from meta.json (corrupted or modified); re-copy or regenerate the store")
 
     def _verify_contents(self) -> None:
         """Ids and image indices in range, so a bad store fails here and not mid-training."""
@@ -462,6 +546,21 @@ def _info(args: argparse.Namespace) -> None:
           f"{report['logit_compression']:.2f}x in logit bytes against full fp16 logits")
 
 
+def _verify(args: argparse.Namespace) -> None:
+    """Hash every array whatever verified.json says (it cannot see damage that keeps a file's stat),
+    then renew the stamp; prints the throughput per array and in all."""
+    start = time.perf_counter()
+    store = LabelStore.open(args.path, trust_stamp=False)
+    seconds = time.perf_counter() - start
+    total = 0
+    for name, hashing in store.hashed.items():
+        size = (store.path / f"{name}.npy").stat().st_size
+        total += size
+        print(f"  {name:12s} {size:>16,d} bytes in {hashing:8.3f} s = {size / GB / max(hashing, 1e-9):6.2f} GB/s")
+    print(f"{store.path}: all {len(store.hashed)} arrays match meta.json's sha256: {total / GB:.3f} GB "
+          f"in {seconds:.2f} s = {total / GB / max(seconds, 1e-9):.2f} GB/s")
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser("labels", help="inspect a label store")
     actions = parser.add_subparsers(dest="action", required=True)
@@ -469,3 +568,7 @@ def register(subparsers) -> None:
     info.add_argument("path", help="label store directory")
     info.add_argument("--no-verify", action="store_true", help="skip the sha256 check of every array (sizes are still checked)")
     info.set_defaults(func=_info)
+    verify = actions.add_parser("verify", help=f"hash every array against meta.json even if {VERIFIED} vouches for it, "
+                                               "print GB/s, renew the stamp")
+    verify.add_argument("path", help="label store directory")
+    verify.set_defaults(func=_verify)

@@ -275,6 +275,7 @@ def train(recipe: Recipe, workdir: WorkDir, labels_path: str | Path, name: str, 
     distilled = data.load_distilled(workdir.distilled, recipe.data.channels)
     store = labels.LabelStore.open(labels_path, expect_images=len(distilled.images),
                                    expect_classes=recipe.data.num_classes, verify_checksums=distributed.is_main())
+    distributed.barrier()  # others wait out rank 0's hashing here, not in DDP's first collective; its errors reach all
     _check_store_fits(store, distilled, recipe)
     record_size = store.meta["batch_size"]
     _check_batching(config, record_size, world)

@@ -1,13 +1,16 @@
 """Label store: what is written is what is read, and damaged or mismatched stores are refused at open."""
 import argparse
+import hashlib
 import json
+import os
 import pickle
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from lpld import augment, labels
+from lpld import augment, fingerprint, labels
 from lpld.errors import UserError
 from lpld.labels import LabelStore, LabelStoreWriter
 
@@ -171,7 +174,7 @@ def test_info_reports_bytes_and_compression(store_path, capsys):
     assert report["full_records"] == 12 and report["compression_factor"] == 1.0
     assert report["full_bytes"] == per_record * 12
     assert report["paper_logit_bytes"] == E * N * K * 2
-    assert report["bytes_on_disk"] == sum(p.stat().st_size for p in store_path.iterdir())
+    assert report["bytes_on_disk"] == sum(p.stat().st_size for p in store_path.iterdir() if p.name != labels.VERIFIED)
     parser = argparse.ArgumentParser()
     labels.register(parser.add_subparsers())
     args = parser.parse_args(["labels", "info", str(store_path)])
@@ -254,3 +257,104 @@ def test_unknown_codec_is_refused(tmp_path):
         write_store(tmp_path / "s", np.arange(2), quant="int4")
     with pytest.raises(UserError, match="--topk 8"):
         write_store(tmp_path / "t", np.arange(2), topk=K + 1)
+
+
+@pytest.fixture
+def hash_calls(monkeypatch):
+    """Names of the array files hashed (the store's only caller of file_sha256 on arrays)."""
+    calls = []
+
+    def counting(path, *args):
+        calls.append(path.name)
+        return fingerprint.file_sha256(path, *args)
+
+    monkeypatch.setattr(labels, "file_sha256", counting)
+    return calls
+
+
+def _flip_byte(file, keep_times=False):
+    before = file.stat()
+    with open(file, "r+b") as handle:
+        handle.seek(-3, 2)
+        byte = handle.read(1)[0]
+        handle.seek(-3, 2)
+        handle.write(bytes([byte ^ 0x01]))
+    if keep_times:
+        os.utime(file, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def test_file_sha256_streams_across_chunks(tmp_path):
+    data = np.random.default_rng(0).bytes(1000)
+    (tmp_path / "f").write_bytes(data)
+    for chunk in (7, 1000, 1 << 20):
+        assert fingerprint.file_sha256(tmp_path / "f", chunk) == hashlib.sha256(data).hexdigest()
+
+
+def test_finish_stamps_the_store_and_later_opens_do_not_hash(store_path, hash_calls):
+    meta = json.loads((store_path / "meta.json").read_text())
+    stamp = json.loads((store_path / labels.VERIFIED).read_text())
+    assert sorted(stamp["arrays"]) == sorted(meta["arrays"])
+    for name, entry in stamp["arrays"].items():
+        file = store_path / f"{name}.npy"
+        assert entry["sha256"] == meta["arrays"][name]["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
+        assert (entry["size"], entry["mtime_ns"]) == (file.stat().st_size, file.stat().st_mtime_ns)
+    assert LabelStore.open(store_path).hashed == {} and hash_calls == []
+    (store_path / labels.VERIFIED).write_text("{")  # an unreadable stamp is no stamp: hash all, stamp again
+    assert sorted(LabelStore.open(store_path).hashed) == sorted(meta["arrays"])
+    hash_calls.clear()
+    LabelStore.open(store_path)
+    assert hash_calls == []
+
+
+def test_only_arrays_whose_file_changed_are_hashed_again(store_path, hash_calls):
+    crop = store_path / "crop.npy"
+    os.utime(crop, ns=(crop.stat().st_atime_ns, crop.stat().st_mtime_ns + 10**9))  # touched, same bytes
+    LabelStore.open(store_path)
+    assert hash_calls == ["crop.npy"]
+    _flip_byte(store_path / "logits.npy")
+    with pytest.raises(UserError, match="logits.npy: sha256 differs"):
+        LabelStore.open(store_path)
+    assert hash_calls == ["crop.npy", "logits.npy"]
+
+
+def test_a_copy_keeping_mtimes_and_an_edit_restoring_them_are_hashed(store_path, tmp_path, hash_calls):
+    copy = shutil.copytree(store_path, tmp_path / "copy")  # copy2 keeps sizes and mtimes: the inode differs
+    LabelStore.open(copy)
+    assert sorted(hash_calls) == sorted(f"{name}.npy" for name in json.loads((copy / "meta.json").read_text())["arrays"])
+    _flip_byte(store_path / "logits.npy", keep_times=True)  # the ctime still moves
+    with pytest.raises(UserError, match="sha256 differs"):
+        LabelStore.open(store_path)
+
+
+def test_verify_ignores_a_stamp_that_stat_cannot_fault(store_path, capsys):
+    _flip_byte(store_path / "logits.npy")
+    stamp = json.loads((store_path / labels.VERIFIED).read_text())
+    stamp["arrays"]["logits"].update(labels._file_state(store_path / "logits.npy"))  # as after bit rot
+    (store_path / labels.VERIFIED).write_text(json.dumps(stamp))
+    LabelStore.open(store_path)  # the stamp vouches for it: opens stay O(stat)
+    parser = argparse.ArgumentParser()
+    labels.register(parser.add_subparsers())
+    verify = parser.parse_args(["labels", "verify", str(store_path)])
+    with pytest.raises(UserError, match="logits.npy: sha256 differs"):
+        verify.func(verify)
+    _flip_byte(store_path / "logits.npy")  # repaired: verify passes, prints rates, renews the stamp
+    (store_path / labels.VERIFIED).unlink()
+    verify.func(verify)
+    out = capsys.readouterr().out
+    names = labels.array_specs(json.loads((store_path / "meta.json").read_text()))
+    assert all(f"  {name} " in out for name in names) and out.count("GB/s") == len(names) + 1
+    assert f"all {len(names)} arrays match" in out and (store_path / labels.VERIFIED).is_file()
+
+
+def test_read_only_store_opens_and_warns_that_it_hashes_every_time(store_path, hash_calls, monkeypatch):
+    (store_path / labels.VERIFIED).unlink()
+
+    def read_only(path, write):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(labels, "write_atomically", read_only)
+    with pytest.warns(UserWarning, match="cannot write verified.json"):
+        LabelStore.open(store_path)
+        hashed_once = len(hash_calls)
+        LabelStore.open(store_path)
+    assert hashed_once and len(hash_calls) == 2 * hashed_once
