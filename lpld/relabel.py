@@ -151,8 +151,9 @@ class _StoreFeed:
         self._commit()
 
     def _commit(self) -> None:
+        if self.epochs and self.ends[0] <= self.written:
+            self.writer.flush()  # once for all the epochs this write completes
         while self.epochs and self.ends[0] <= self.written:
-            self.writer.flush()
             distributed.barrier()
             if distributed.rank() == 0:
                 self.writer.mark_epoch_complete(self.epochs[0])
