@@ -159,7 +159,7 @@ def test_steady_state_recover_iterations_never_sync():
 @pytest.mark.parametrize("mode", stats.MODES)
 def test_steady_state_statistics_pass_never_syncs(mode):
     """collect_class_bn_stats over pinned host batches (what the stats DataLoader yields on CUDA), and
-    the same statistics as the CPU pass."""
+    the same statistics as the CPU pass (to TF32 convolution rounding)."""
     loader = [(images.pin_memory(), labels.pin_memory()) for images, labels in test_stats.batches() * 2]
     try:
         gpu = stats.collect_class_bn_stats(test_stats.tiny_teacher().to(CUDA), _SteadyFromSecondBatch(loader),
@@ -170,8 +170,8 @@ def test_steady_state_statistics_pass_never_syncs(mode):
     assert gpu.meta["images"] == cpu.meta["images"] == 36
     for name, layer in cpu.layers.items():
         assert torch.equal(gpu.layers[name].count, layer.count)
-        torch.testing.assert_close(gpu.layers[name].mean, layer.mean, atol=1e-4, rtol=1e-3)
-        torch.testing.assert_close(gpu.layers[name].var, layer.var, atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(gpu.layers[name].mean, layer.mean, atol=1e-3, rtol=1e-2)
+        torch.testing.assert_close(gpu.layers[name].var, layer.var, atol=1e-3, rtol=1e-2)
 
 
 @pytest.mark.parametrize("flip,mix", [("flip", "cutmix"), ("cutout", "none")])
