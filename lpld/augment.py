@@ -14,6 +14,7 @@ The resize is bilinear with ``antialias=False`` on float input, which is what
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -158,9 +159,18 @@ def crop_resize_flip(images: torch.Tensor, boxes, flips, size: int) -> torch.Ten
     return out
 
 
+def to_device(values, device: torch.device | str) -> torch.Tensor:
+    """A host array (numpy, tensor, list) on ``device``. To a GPU it goes through pinned memory
+    without blocking: a plain copy from pageable memory would make the host wait for the GPU."""
+    tensor = torch.as_tensor(values)
+    if tensor.device.type != "cpu" or torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def cutout(images: torch.Tensor, record: Cutout) -> torch.Tensor:
     """Paint each sample's box with its fill (pixel space [0, 1]), in place."""
-    fills = torch.as_tensor(record.fill, device=images.device).to(images.dtype) / 255
+    fills = to_device(record.fill, images.device).to(images.dtype) / 255
     for i, (y1, y2, x1, x2) in enumerate(np.asarray(record.box).tolist()):
         images[i, :, y1:y2, x1:x2] = fills[i].view(-1, 1, 1)
     return images
@@ -170,9 +180,15 @@ def cutmix(images: torch.Tensor, perm, box) -> torch.Tensor:
     """Paste the box of sample perm[i] into sample i (SPEC.md section 4), returning a new tensor."""
     y1, y2, x1, x2 = np.asarray(box).tolist()
     mixed = images.clone()
-    source = torch.as_tensor(np.asarray(perm, dtype=np.int64), device=images.device)
+    source = to_device(np.asarray(perm, dtype=np.int64), images.device)
     mixed[:, :, y1:y2, x1:x2] = images[source, :, y1:y2, x1:x2]
     return mixed
+
+
+@functools.lru_cache(maxsize=16)
+def _normalization(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean and std as float32 [1, C, 1, 1] on ``device``, made once per device: never rebuilt per batch."""
+    return tuple(to_device(np.asarray(v, dtype=np.float32), device).view(1, -1, 1, 1) for v in (mean, std))
 
 
 def replay(
@@ -187,15 +203,15 @@ def replay(
 
     ``images`` are all distilled images, uint8 [N, C, H, W] (CPU or ``device``). Gather
     img_idx, move to ``device``, scale to [0, 1], crop/resize/flip, cutout, CutMix, normalize.
-    Relabel feeds this batch to the teacher and training feeds it to the student.
+    Relabel feeds this batch to the teacher and training feeds it to the student. Every host value
+    reaches a GPU through ``to_device``, so a replay never waits for the device.
     """
-    index = torch.as_tensor(np.asarray(record.img_idx, dtype=np.int64), device=images.device)
-    batch = images.index_select(0, index).to(device or images.device).to(torch.float32).div_(255)
+    index = to_device(np.asarray(record.img_idx, dtype=np.int64), images.device)
+    batch = to_device(images.index_select(0, index), device or images.device).to(torch.float32).div_(255)
     batch = crop_resize_flip(batch, record.crop, record.flip, size)
     if record.cutout is not None:
         cutout(batch, record.cutout)
     if record.mix_perm is not None:
         batch = cutmix(batch, record.mix_perm, record.mix_box)
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
+    mean_t, std_t = _normalization(tuple(mean), tuple(std), batch.device)
     return batch.sub_(mean_t).div_(std_t)

@@ -9,11 +9,18 @@ training makes, and its raw logits are stored as fp16 (full K, no temperature).
 Writing is streamed into the preallocated store and committed epoch by epoch, so an interrupted
 run resumes from its last complete epoch. Under torchrun the ranks take turns over the rows of
 each epoch and write them into the same memmaps; the result equals a single-process run.
+
+Throughput: several records share one teacher forward (about ``--images-per-forward`` images).
+The teacher is in eval mode, so its BatchNorm uses running statistics and the records of one
+forward do not interact: each gets the logits of a forward of its own (to float rounding).
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import functools
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +35,8 @@ from .labels import (GIB, PARTIAL_BATCH_RULE, LabelStore, LabelStoreWriter, Logi
                      codec_from_args, storage_report)
 from .recipes import Recipe, add_recipe_arguments, recipe_from_args
 from .workdir import WorkDir
+
+IMAGES_PER_FORWARD = 256  # IN-21K's records of 32 images -> 8 records per teacher forward
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -88,14 +97,83 @@ def label_header(recipe: Recipe, images: torch.Tensor, dataset_fingerprint: str,
     }
 
 
+def choose_records_per_forward(images_per_forward: int, batch_size: int) -> int:
+    """Records stacked into one teacher forward: about ``images_per_forward`` images, at least one record."""
+    if images_per_forward < 1:
+        raise UserError(f"--images-per-forward {images_per_forward}: use a positive image count, e.g. {IMAGES_PER_FORWARD}")
+    return max(1, round(images_per_forward / batch_size))
+
+
+def _copy_to_host(logits: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start copying ``logits`` into pinned host memory; the event marks when the copy has landed
+    (None on the CPU, where the logits already are on the host)."""
+    if logits.device.type != "cuda":
+        return logits, None
+    host = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=True)
+    host.copy_(logits, non_blocking=True)
+    landed = torch.cuda.Event()
+    landed.record(torch.cuda.current_stream(logits.device))
+    return host, landed
+
+
+class _StoreFeed:
+    """The host end of relabel's pipeline. Each forward's logits are written one forward later,
+    once their copy has landed, so the device never waits for the host or the disk; an epoch is
+    committed (flush, barrier, progress.json, in epoch order on every rank) once this rank has
+    written all its rows of it."""
+
+    def __init__(self, writer: LabelStoreWriter, rows_per_epoch: dict[int, np.ndarray], batch_size: int):
+        self.writer, self.batch_size = writer, batch_size
+        self.epochs = collections.deque(rows_per_epoch)
+        self.ends = collections.deque(np.cumsum([len(rows) for rows in rows_per_epoch.values()], dtype=np.int64).tolist())
+        self.in_flight = collections.deque()
+        self.written = 0
+
+    def put(self, rows: list[int], records: list[Record], logits: torch.Tensor) -> None:
+        """Queue one forward's fp16 logits [len(rows) * B, K]; write the forward queued before it."""
+        self.in_flight.append((rows, records, *_copy_to_host(logits)))
+        if len(self.in_flight) > 1:
+            self._write_oldest()
+
+    def finish(self) -> None:
+        while self.in_flight:
+            self._write_oldest()
+        self._commit()
+
+    def _write_oldest(self) -> None:
+        rows, records, logits, landed = self.in_flight.popleft()
+        if landed is not None:
+            landed.synchronize()
+        for i, (row, record) in enumerate(zip(rows, records)):
+            record.logits = logits[i * self.batch_size:(i + 1) * self.batch_size].numpy()
+            self.writer.write(row, record)
+        self.written += len(rows)
+        self._commit()
+
+    def _commit(self) -> None:
+        if self.epochs and self.ends[0] <= self.written:
+            self.writer.flush()  # once for all the epochs this write completes
+        while self.epochs and self.ends[0] <= self.written:
+            distributed.barrier()
+            if distributed.rank() == 0:
+                self.writer.mark_epoch_complete(self.epochs[0])
+            self.epochs.popleft()
+            self.ends.popleft()
+
+
 def generate(teacher: nn.Module, images: torch.Tensor, out: str | Path, header: dict,
-             ids: np.ndarray | None = None, device: torch.device | str = "cpu") -> Path:
+             ids: np.ndarray | None = None, device: torch.device | str = "cpu", records_per_forward: int = 1) -> Path:
     """Write the records ``ids`` (default: all E * nb) into the store ``out``; resumes if present.
 
     ``images`` are the distilled images, uint8 [N, C, H, W] on the CPU; each batch is gathered,
-    augmented and labelled on ``device``.
+    augmented and labelled on ``device``, ``records_per_forward`` records per teacher forward
+    (consecutive rows of this rank, across epoch ends). A background thread draws and replays
+    the next forward's records while the teacher runs on these; logits reach the store one
+    forward later (``_StoreFeed``).
     """
-    nb = header["batches_per_epoch"]
+    if records_per_forward < 1:
+        raise UserError(f"records_per_forward={records_per_forward}: stack at least one record per forward")
+    nb, batch_size, device = header["batches_per_epoch"], header["batch_size"], torch.device(device)
     ids = np.arange(header["epochs"] * nb, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
     rank, world = distributed.rank(), distributed.world_size()
     writer = LabelStoreWriter(out, header, ids) if rank == 0 else None
@@ -103,26 +181,38 @@ def generate(teacher: nn.Module, images: torch.Tensor, out: str | Path, header: 
     writer = writer or LabelStoreWriter(out, header, ids)
     rows_per_epoch = {e: rows[rank::world] for e in range(header["epochs"])
                       if e not in writer.complete_epochs and len(rows := writer.rows_of_epoch(e))}
-    todo = list(rows_per_epoch)
+    work = [(epoch, int(row)) for epoch, rows in rows_per_epoch.items() for row in rows]
+    chunks = [work[i:i + records_per_forward] for i in range(0, len(work), records_per_forward)]
+
+    @functools.lru_cache(maxsize=2)  # rows come in epoch order: the current epoch and the next
+    def records_of_epoch(epoch: int) -> list[Record]:
+        return epoch_records(header, epoch)
+
+    def prepare(chunk: list[tuple[int, int]]) -> tuple[list[int], list[Record], torch.Tensor]:
+        with torch.inference_mode():
+            records = [records_of_epoch(epoch)[ids[row] % nb] for epoch, row in chunk]
+            batch = torch.cat([replay(images, record, header["size"], header["mean"], header["std"], device)
+                               for record in records])
+        return [row for _, row in chunk], records, batch
+
     teacher.eval()
-    bar = tqdm(total=sum(map(len, rows_per_epoch.values())) * header["batch_size"], unit="img",
-               desc="relabel", disable=not distributed.is_main())
-    with torch.inference_mode():
-        for epoch in todo:
-            records = epoch_records(header, epoch)
-            for row in rows_per_epoch[epoch]:
-                record = records[ids[row] % nb]
-                batch = replay(images, record, header["size"], header["mean"], header["std"], device)
-                record.logits = teacher(batch).to(torch.float16).cpu().numpy()
-                if record.logits.shape != (len(batch), header["num_classes"]):
-                    raise UserError(f"the teacher outputs {tuple(record.logits.shape)} for a batch of {len(batch)}, "
-                                    f"expected {header['num_classes']} classes (data.num_classes); use the matching teacher")
-                writer.write(row, record)
-                bar.update(len(batch))
-            writer.flush()
-            distributed.barrier()
-            if rank == 0:
-                writer.mark_epoch_complete(epoch)
+    feed = _StoreFeed(writer, rows_per_epoch, batch_size)
+    bar = tqdm(total=len(work) * batch_size, unit="img", desc="relabel", disable=not distributed.is_main())
+    # the preparing thread works on the teacher's GPU (a thread's current device is its own)
+    on_device = functools.partial(torch.cuda.set_device, device) if device.type == "cuda" else None
+    with torch.inference_mode(), ThreadPoolExecutor(max_workers=1, initializer=on_device) as pool:
+        upcoming = pool.submit(prepare, chunks[0]) if chunks else None
+        for k in range(len(chunks)):
+            rows, records, batch = upcoming.result()
+            if k + 1 < len(chunks):
+                upcoming = pool.submit(prepare, chunks[k + 1])
+            logits = teacher(batch)
+            if logits.shape != (len(batch), header["num_classes"]):
+                raise UserError(f"the teacher outputs {tuple(logits.shape)} for a batch of {len(batch)}, "
+                                f"expected {header['num_classes']} classes (data.num_classes); use the matching teacher")
+            feed.put(rows, records, logits.to(torch.float16))
+            bar.update(len(batch))
+        feed.finish()
     bar.close()
     distributed.barrier()
     if rank == 0:
@@ -132,12 +222,13 @@ def generate(teacher: nn.Module, images: torch.Tensor, out: str | Path, header: 
 
 
 def relabel(recipe: Recipe, workdir: WorkDir, device: torch.device | str, only_kept: bool = False,
-            codec: LogitCodec = LogitCodec()) -> Path:
+            codec: LogitCodec = LogitCodec(), images_per_forward: int = IMAGES_PER_FORWARD) -> Path:
     """``lpld relabel``: label the distilled images in workdir with its teacher.
 
     ``only_kept`` writes just the records that ``lpld prune`` would keep at recipe.prune (ratio,
     pool, seed) into the pruned store's directory: the paper's "less label" runs, which never
-    generate the other records at all.
+    generate the other records at all. ``images_per_forward`` sets how many records share a
+    teacher forward (a speed setting: the store does not record it, and a resume may change it).
     """
     from . import data, models, prune
 
@@ -153,7 +244,8 @@ def relabel(recipe: Recipe, workdir: WorkDir, device: torch.device | str, only_k
         ids = prune.select_pool(np.arange(total), header["batches_per_epoch"], config.ratio, config.pool, config.seed)
         header = prune.pruned_header(header, config.ratio, config.pool, config.seed)
         out = prune.pruned_path(workdir, config.ratio)
-    generate(teacher, distilled.images, out, header, ids, device)
+    generate(teacher, distilled.images, out, header, ids, device,
+             choose_records_per_forward(images_per_forward, header["batch_size"]))
     if distributed.is_main():
         store = LabelStore.open(out, verify_checksums=False)
         size = storage_report(store)["bytes_on_disk"]
@@ -165,7 +257,8 @@ def relabel(recipe: Recipe, workdir: WorkDir, device: torch.device | str, only_k
 def _command(args: argparse.Namespace) -> None:
     recipe = recipe_from_args(args)
     workdir = WorkDir.for_recipe(args.workdir, recipe.name)
-    relabel(recipe, workdir, distributed.device(args.device), args.generate_only_kept, codec_from_args(args))
+    relabel(recipe, workdir, distributed.device(args.device), args.generate_only_kept, codec_from_args(args),
+            args.images_per_forward)
 
 
 def register(subparsers) -> None:
@@ -174,4 +267,7 @@ def register(subparsers) -> None:
     parser.add_argument("--generate-only-kept", action="store_true",
                         help="write only the records that prune keeps at recipe.prune.ratio/pool/seed (scored pools need full labels)")
     add_codec_arguments(parser)
+    parser.add_argument("--images-per-forward", type=int, default=IMAGES_PER_FORWARD,
+                        help=f"stack records into teacher forwards of about this many images (default {IMAGES_PER_FORWARD}: "
+                             "8 records of IN-21K's 32); speed only, the labels are the same")
     parser.set_defaults(func=_command)

@@ -154,29 +154,36 @@ class _ClassMoments:
             fill = 1.0 if mode == "ema" else 0.0
             self.second[name] = torch.full(shape, fill, dtype=torch.float64, device=device)
 
-    def fold(self, labels: torch.Tensor, moments: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Add one batch: ``labels`` [B], per layer per-sample (mean, var) [B, C].
+    def fold(self, labels: torch.Tensor, moments: dict[str, tuple[torch.Tensor, torch.Tensor]],
+             weight: torch.Tensor | None = None) -> None:
+        """Add one batch: ``labels`` [B], per layer per-sample (mean, var) [B, C], ``weight`` [B]
+        (1 per sample, 0 for the padding rows of a gathered step; None: all 1).
 
-        Work is over the P classes present only (P <= B), so 10,450 classes cost no more per
-        batch than 10: per-class sums by ``index_add_`` over slots, rows updated by index.
+        Every shape is fixed by B, so a GPU step never waits for the host (no ``unique``, no
+        class count read back). Exact mode adds each sample into its class's sums. EMA pools each
+        sample into the slot of its class's first sample in the batch: slots of present classes
+        fold their batch moments into their class rows, the other slots add exactly 0; so
+        10,450 classes cost no more per batch than 10.
         """
-        classes, slot = torch.unique(labels, return_inverse=True)
-        counts = torch.bincount(slot, minlength=len(classes))
-        self.count.index_add_(0, classes, counts)
-        n = counts.to(torch.float64)[:, None]
+        weight = torch.ones_like(labels, dtype=torch.float64) if weight is None else weight.double()
+        self.count.index_add_(0, labels, weight.long())
+        m = self.momentum
+        if self.mode == "ema":
+            slot = (labels[:, None] == labels[None, :]).int().argmax(dim=1)  # first sample of the same class
+            n = torch.zeros_like(weight).index_add_(0, slot, weight)[:, None]
+            present, n = n > 0, n.clamp(min=1)
         for name, (mean, var) in moments.items():
             mean = mean.double()
-            sum_mean = mean.new_zeros((len(classes), mean.shape[1])).index_add_(0, slot, mean)
-            sum_square = mean.new_zeros(sum_mean.shape).index_add_(0, slot, var.double() + mean * mean)
+            weighted_mean, weighted_square = (weight[:, None] * v for v in (mean, var.double() + mean * mean))
             if self.mode == "exact":
-                self.first[name].index_add_(0, classes, sum_mean)
-                self.second[name].index_add_(0, classes, sum_square)
+                self.first[name].index_add_(0, labels, weighted_mean)
+                self.second[name].index_add_(0, labels, weighted_square)
                 continue
-            batch_mean = sum_mean / n
-            batch_var = (sum_square / n - batch_mean * batch_mean).clamp(min=0)
-            m = self.momentum
-            self.first[name][classes] = (1 - m) * self.first[name][classes] + m * batch_mean
-            self.second[name][classes] = (1 - m) * self.second[name][classes] + m * batch_var
+            batch_mean = torch.zeros_like(mean).index_add_(0, slot, weighted_mean) / n
+            batch_var = (torch.zeros_like(mean).index_add_(0, slot, weighted_square) / n
+                         - batch_mean * batch_mean).clamp(min=0)
+            for state, batch in ((self.first[name], batch_mean), (self.second[name], batch_var)):
+                state.index_add_(0, labels, torch.where(present, m * (batch - state[labels]), 0.0))
 
     def save(self, path: Path) -> None:
         """Write the running state (torch tensors only, read back with weights_only=True)."""
@@ -208,41 +215,47 @@ class _ClassMoments:
         return layers
 
 
-def _gather_batch(labels: torch.Tensor, moments: dict) -> tuple[torch.Tensor, dict]:
-    """All ranks' labels and per-sample moments of this step, concatenated in rank order (ema mode).
+def _gather_batch(labels: torch.Tensor, moments: dict, max_batch: int) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
+    """All ranks' labels, per-sample moments and row weights of this step, in rank order (ema mode).
 
-    Ranks may hold batches of different sizes: rows are padded to the largest and trimmed after.
+    Ranks may hold batches of different sizes: each pads its rows to ``max_batch``, a size every
+    rank knows without asking, and padding rows carry weight 0 (so no rank reads sizes back).
     """
     world = distributed.world_size()
     if world == 1:
-        return labels, moments
+        return labels, moments, None
+    if len(labels) > max_batch:
+        raise UserError(f"a batch of {len(labels)} images exceeds max_batch={max_batch}, the padded size of the "
+                        "gathered EMA step; pass the loader's batch size")
     names = list(moments)
-    local = torch.cat([torch.cat(moments[name], dim=1) for name in names] + [labels[:, None].float()], dim=1)
-    sizes = torch.empty(world, dtype=torch.int64, device=local.device)
-    dist.all_gather_single(sizes, torch.tensor([len(local)], device=local.device))
-    padded = torch.zeros((int(sizes.max()), local.shape[1]), dtype=local.dtype, device=local.device)
+    local = torch.cat([torch.cat(moments[name], dim=1) for name in names]
+                      + [labels[:, None].float(), torch.ones_like(labels[:, None], dtype=torch.float32)], dim=1)
+    padded = local.new_zeros((max_batch, local.shape[1]))
     padded[:len(local)] = local
-    gathered = torch.empty((world * len(padded), padded.shape[1]), dtype=local.dtype, device=local.device)
+    gathered = torch.empty((world * max_batch, local.shape[1]), dtype=local.dtype, device=local.device)
     dist.all_gather_single(gathered, padded)
-    gathered = gathered.view(world, *padded.shape)
-    rows = torch.cat([gathered[rank, :size] for rank, size in enumerate(sizes.tolist())])
     out, start = {}, 0
     for name in names:
         width = moments[name][0].shape[1]
-        out[name] = (rows[:, start:start + width], rows[:, start + width:start + 2 * width])
+        out[name] = (gathered[:, start:start + width], gathered[:, start + width:start + 2 * width])
         start += 2 * width
-    return rows[:, -1].round().long(), out
+    return gathered[:, -2].round().long(), out, gathered[:, -1]
 
 
 def collect_class_bn_stats(model: nn.Module, loader, num_classes: int, mode: str = "ema", momentum: float = 0.1,
                            device: torch.device | str = "cpu", meta: dict | None = None,
-                           checkpoint: Path | None = None, every: int = 200) -> ClassBNStats:
-    """One pass of ``loader`` ((images, labels) batches) through ``model`` in eval mode (SPEC.md 10.1).
+                           checkpoint: Path | None = None, every: int = 200, max_batch: int = 0) -> ClassBNStats:
+    """One pass of ``loader`` ((images, labels) host batches) through ``model`` in eval mode (SPEC.md 10.1).
 
     The model's global BN running statistics are not touched (eval mode); its train/eval mode is
     restored afterwards. ``meta`` is merged into the result's metadata. With ``checkpoint`` (one
     file per rank), the running state is saved every ``every`` batches and an existing file is
     continued: ``loader`` must then yield only the batches after ``batches_done(checkpoint)``.
+    ``max_batch``: the most images a rank's batch holds (needed by ema mode under torchrun).
+
+    On a GPU the steady state never waits for the device: labels are range-checked on the host
+    before their copy, the class moments fold with fixed shapes, the progress bar shows host
+    counts; only the checkpoint (every ``every`` batches) and the result read the device back.
     """
     if mode not in MODES:
         raise UserError(f"unknown stats mode {mode!r}; choose one of: {', '.join(MODES)}")
@@ -262,17 +275,17 @@ def collect_class_bn_stats(model: nn.Module, loader, num_classes: int, mode: str
                         initial=state.batches, total=state.batches + len(loader))
         with torch.inference_mode():
             for images, labels in progress:
-                labels = labels.to(device)
                 if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
                     raise UserError(f"a label outside [0, {num_classes}) reached the statistics pass; check data.num_classes")
+                labels = labels.to(device, non_blocking=True)
                 model(images.to(device, non_blocking=True))
                 if mode == "ema":
-                    state.fold(*_gather_batch(labels, recorder.moments))
+                    state.fold(*_gather_batch(labels, recorder.moments, max_batch))
                 else:  # pooled sums: each rank folds its own samples, result() all-reduces
                     state.fold(labels, recorder.moments)
                 seen += len(labels) * distributed.world_size()
                 state.batches += 1
-                progress.set_postfix(img_s=f"{seen / (time.time() - started):.0f}")
+                progress.set_postfix(img_s=f"{seen / (time.time() - started):.0f}", refresh=False)
                 if checkpoint is not None and state.batches % every == 0:
                     state.save(checkpoint)
     finally:
@@ -315,7 +328,7 @@ def stats(recipe, workdir: WorkDir, device: torch.device | str) -> ClassBNStats:
             "dataset_fingerprint": dataset.fingerprint, "recipe": recipe.name, "batch_size": cfg.batch_size,
             "crop_scale": list(cfg.crop_scale), "seed": cfg.seed}
     result = collect_class_bn_stats(teacher, loader, recipe.data.num_classes, cfg.mode, cfg.momentum, device, meta,
-                                    checkpoint)
+                                    checkpoint, max_batch=cfg.batch_size)
     if distributed.is_main():
         result.save(workdir.stats)
         channels = sum(layer.mean.shape[1] for layer in result.layers.values())

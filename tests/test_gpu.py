@@ -2,10 +2,17 @@
 options, and steady-state steps without host syncs. Every test is ``gpu``-marked and skips cleanly
 without CUDA (the kernels' own CUDA tests sit in test_kernel_*.py).
 """
+import contextlib
+import math
+
+import numpy as np
 import pytest
 import torch
 
-from lpld import models, recover, replay, train
+import test_relabel
+import test_stats
+from lpld import models, recover, relabel, replay, stats, train
+from lpld.labels import LabelStore
 from lpld.recipes import get_recipe
 from test_recover import _class_stats, _recipe, _teacher
 from test_replay import MEAN, PIXEL_TOLERANCE, STD, make_store, plan_of, random_images
@@ -94,46 +101,114 @@ def test_recover_with_compile_channels_last_and_bf16_follows_the_fp32_objective(
     assert 0 <= pixels.min() and pixels.max() <= 1
 
 
-def test_steady_state_recover_and_training_steps_never_sync():
-    """After a first step (launch plans, device tables), recover's and training's steps run under
-    torch.cuda.set_sync_debug_mode("error"): any host-device sync raises."""
+def _syncs_raise() -> None:
+    """From here on any host-device sync raises (torch.cuda.set_sync_debug_mode("error"))."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+
+
+def _syncs_allowed() -> None:
+    torch.cuda.set_sync_debug_mode("default")
+
+
+class _SteadyFromSecondBatch:
+    """A loader that makes syncs raise from its second batch on (the first step may make plans,
+    caches and optimizer state) and allows them again after its last (the pass's closing read-back)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.batches):
+            if i == 1:
+                _syncs_raise()
+            yield batch
+        _syncs_allowed()
+
+
+@contextlib.contextmanager
+def _steady_from_second_forward(module):
+    """Syncs raise from ``module``'s second forward to the end of the block; yields the forwards seen."""
+    forwards = []
+
+    def count(module, inputs):
+        forwards.append(len(inputs[0]))
+        if len(forwards) == 2:
+            _syncs_raise()
+
+    handle = module.register_forward_pre_hook(count)
+    try:
+        yield forwards
+    finally:
+        _syncs_allowed()
+        handle.remove()
+
+
+def test_steady_state_recover_iterations_never_sync():
+    """Synthesizer.run's loop (cosine lr, views, teacher, fused BN loss, Adam, clamp) after its first iteration."""
     synthesizer, recipe = _synthesizer()
-    jobs = recover.plan_jobs(recipe)[:2]
-    generators = [torch.Generator().manual_seed(job.seed) for job in jobs]
-    sizes = [len(job) for job in jobs]
-    images = torch.randn(sum(sizes), 1, 16, 16, device=CUDA).requires_grad_()
-    groups = torch.repeat_interleave(torch.arange(len(jobs)), torch.tensor(sizes)).to(CUDA)
-    labels = torch.tensor([c for job in jobs for c in job.classes], device=CUDA)
-    inverse_group_size = torch.full((sum(sizes),), 1 / sizes[0], device=CUDA)
-    rows = torch.tensor([job.stats_row for job in jobs], device=CUDA)
-    optimizer = torch.optim.Adam([images], lr=0.1, betas=(0.5, 0.9))
+    with _steady_from_second_forward(synthesizer.teacher) as forwards:
+        pixels = synthesizer.run(recover.plan_jobs(recipe)[:2])
+    assert len(forwards) == recipe.recover.iterations >= 3
+    assert torch.isfinite(pixels).all() and 0 <= pixels.min() and pixels.max() <= 1
 
-    def recover_step():
-        loss = synthesizer.objective(synthesizer._views(images, generators, sizes), groups, labels,
-                                     inverse_group_size, rows)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            images.clamp_(synthesizer.low, synthesizer.high)
 
-    model, batch, teacher_logits = _student_and_batch()
-    train_optimizer = train.build_optimizer(model, get_recipe("imagenet1k").train)
-    loss_fn = train.make_loss_fn(model, get_recipe("imagenet1k").train, CUDA)
+@pytest.mark.parametrize("mode", stats.MODES)
+def test_steady_state_statistics_pass_never_syncs(mode):
+    """collect_class_bn_stats over pinned host batches (what the stats DataLoader yields on CUDA), and
+    the same statistics as the CPU pass (to TF32 convolution rounding)."""
+    loader = [(images.pin_memory(), labels.pin_memory()) for images, labels in test_stats.batches() * 2]
+    try:
+        gpu = stats.collect_class_bn_stats(test_stats.tiny_teacher().to(CUDA), _SteadyFromSecondBatch(loader),
+                                           test_stats.NUM_CLASSES, mode, device=CUDA)
+    finally:
+        _syncs_allowed()
+    cpu = stats.collect_class_bn_stats(test_stats.tiny_teacher(), test_stats.batches() * 2, test_stats.NUM_CLASSES, mode)
+    assert gpu.meta["images"] == cpu.meta["images"] == 36
+    for name, layer in cpu.layers.items():
+        assert torch.equal(gpu.layers[name].count, layer.count)
+        torch.testing.assert_close(gpu.layers[name].mean, layer.mean, atol=1e-3, rtol=1e-2)
+        torch.testing.assert_close(gpu.layers[name].var, layer.var, atol=1e-3, rtol=1e-2)
 
-    def train_step():
-        train_optimizer.zero_grad(set_to_none=True)
-        loss_fn(batch, teacher_logits).backward()
-        train_optimizer.step()
 
-    start = images.detach().clone()
-    for step in (recover_step, train_step):
-        step()  # first step: plans, caches and the optimizer state are made here
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            step()
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    assert not torch.equal(images.detach(), start) and torch.isfinite(images).all()
+@pytest.mark.parametrize("flip,mix", [("flip", "cutmix"), ("cutout", "none")])
+def test_steady_state_relabel_never_syncs(tmp_path, flip, mix):
+    """relabel.generate on CUDA, 2 records per forward: replay in the preparing thread, teacher, logits
+    copied to pinned memory and written a forward later; the store equals the CPU one (records
+    exactly, logits to TF32 convolution and fp16 rounding)."""
+    images = torch.randint(0, 256, (test_relabel.N, 1, 28, 28), generator=torch.Generator().manual_seed(5),
+                           dtype=torch.uint8)
+    header = relabel.label_header(test_relabel._recipe(flip=flip, mix=mix), images, "data-fp", "teacher-fp")
+    teacher = test_relabel._teacher().to(CUDA)
+    with _steady_from_second_forward(teacher) as forwards:
+        relabel.generate(teacher, images, tmp_path / "gpu", header, device=CUDA, records_per_forward=2)
+    assert forwards == [10] * 6
+    relabel.generate(test_relabel._teacher(), images, tmp_path / "cpu", header, records_per_forward=2)
+    gpu, cpu = LabelStore.open(tmp_path / "gpu"), LabelStore.open(tmp_path / "cpu")
+    for g in range(len(cpu)):
+        on_gpu, on_cpu = gpu.record(g), cpu.record(g)
+        np.testing.assert_array_equal(on_gpu.img_idx, on_cpu.img_idx)
+        np.testing.assert_array_equal(on_gpu.crop, on_cpu.crop)
+        np.testing.assert_allclose(on_gpu.logits.astype(np.float32), on_cpu.logits.astype(np.float32),
+                                   rtol=1e-2, atol=1e-2)
+
+
+def test_steady_state_training_epoch_never_syncs():
+    """train._train_epoch (the compiled loss, AdamW, loss summed on the device) over pinned host
+    records, as the torch loader yields them with pin_memory; one read-back at the epoch's end."""
+    model, images, teacher_logits = _student_and_batch()
+    config = get_recipe("imagenet1k").train
+    optimizer = train.build_optimizer(model, config)
+    loss_fn = train.make_loss_fn(model, config, CUDA)
+    record = replay.ReplayBatch(images.cpu().pin_memory(), teacher_logits.cpu().pin_memory(), 0)
+    start = [p.detach().clone() for p in model.parameters()]
+    try:
+        loss, steps = train._train_epoch(_SteadyFromSecondBatch([record] * 4), loss_fn, optimizer, 0,
+                                         contextlib.nullcontext, CUDA, torch.channels_last, lambda: None, None)
+    finally:
+        _syncs_allowed()
+    assert steps == 4 and math.isfinite(loss) and loss > 0
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), start))

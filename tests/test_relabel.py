@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lpld import augment, distributed, prune, relabel
+from lpld import augment, distributed, models, prune, relabel
 from lpld.errors import UserError
 from lpld.labels import VERIFIED, LabelStore, LogitCodec
 from lpld.recipes import get_recipe
@@ -85,40 +85,75 @@ def test_cutout_recipe_stores_cutouts_and_no_mix(tmp_path, images):
     assert ((y2 - y1) <= 10).all() and ((x2 - x1) <= 10).all() and ((y2 - y1) >= 5).all()
 
 
-def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, images):
+@pytest.mark.parametrize("flip,mix", [("flip", "cutmix"), ("cutout", "none")])
+def test_records_stacked_in_one_forward_write_the_one_record_per_forward_store(tmp_path, images, flip, mix):
+    """A BatchNorm teacher in eval mode labels each stacked record as a forward of its own: 3 records
+    per forward (forwards across epoch ends) and 12 (the whole run) write the store of one record per
+    forward, every array bit for bit (on the CPU in float32 even the fp32 logits agree exactly)."""
+    header = relabel.label_header(_recipe(flip=flip, mix=mix), images, "data-fp", "teacher-fp")
+    torch.manual_seed(0)
+    teacher = models.build_model("resnet10", 10, 1, "3x3s2")
+    for _, bn in models.bn_layers(teacher):  # running statistics unlike any batch's own
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    relabel.generate(teacher, images, tmp_path / "r1", header)
+    for stacked, forwards in ((3, 4), (12, 1)):
+        sizes = []
+        handle = teacher.register_forward_pre_hook(lambda module, inputs: sizes.append(len(inputs[0])))
+        relabel.generate(teacher, images, tmp_path / f"r{stacked}", header, records_per_forward=stacked)
+        handle.remove()
+        assert sizes == [stacked * 5] * forwards
+        _same_store(tmp_path / "r1", tmp_path / f"r{stacked}")
+
+
+def test_records_per_forward_follow_the_image_target():
+    assert relabel.choose_records_per_forward(relabel.IMAGES_PER_FORWARD, 32) == 8  # IN-21K
+    assert relabel.choose_records_per_forward(256, 128) == 2 and relabel.choose_records_per_forward(10, 128) == 1
+    with pytest.raises(UserError, match="images-per-forward"):
+        relabel.choose_records_per_forward(0, 32)
+
+
+# (records per forward, the forward to interrupt, forwards after the resume). Logits reach the store
+# one forward late: with 1 record per forward, forward 7 (record 6) stops with epoch 0 (records 0-3)
+# committed; with 3, forward 4 (records 9-11) stops after records 0-5 are written, so epoch 0 is
+# committed and the resume redoes records 4-11 in 3 forwards.
+@pytest.mark.parametrize("stacked,interrupt_at,resumed_forwards", [(1, 7, 8), (3, 4, 3)])
+def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, images, stacked, interrupt_at,
+                                                               resumed_forwards):
     _generate(tmp_path / "full", images)
     teacher, calls = _teacher(), [0]
 
     def interrupt(module, inputs):
         calls[0] += 1
-        if calls[0] == 7:  # during the second epoch
+        if calls[0] == interrupt_at:  # during the second epoch
             raise KeyboardInterrupt
 
     handle = teacher.register_forward_pre_hook(interrupt)
     header = relabel.label_header(_recipe(), images, "data-fp", "teacher-fp")
     with pytest.raises(KeyboardInterrupt):
-        relabel.generate(teacher, images, tmp_path / "resumed", header)
+        relabel.generate(teacher, images, tmp_path / "resumed", header, records_per_forward=stacked)
     with pytest.raises(UserError, match="did not finish"):
         LabelStore.open(tmp_path / "resumed")
     handle.remove()
     counted = []
     teacher.register_forward_pre_hook(lambda module, inputs: counted.append(1))
-    relabel.generate(teacher, images, tmp_path / "resumed", header)
-    assert len(counted) == 8  # epoch 0 was complete and is not recomputed
+    relabel.generate(teacher, images, tmp_path / "resumed", header, records_per_forward=stacked)
+    assert len(counted) == resumed_forwards  # epoch 0 was complete and is not recomputed
     _same_store(tmp_path / "full", tmp_path / "resumed")
     with pytest.raises(UserError, match="batch_size"):
         other = relabel.label_header(_recipe(batch_size=4), images, "data-fp", "teacher-fp")
         relabel.generate(teacher, images, tmp_path / "resumed", other)
 
 
-def test_two_ranks_write_the_single_process_store(tmp_path, images, monkeypatch):
+@pytest.mark.parametrize("stacked", [1, 3])
+def test_two_ranks_write_the_single_process_store(tmp_path, images, monkeypatch, stacked):
     _generate(tmp_path / "single", images)
     header = relabel.label_header(_recipe(), images, "data-fp", "teacher-fp")
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     for rank in (1, 0):  # rank 1 writes its rows first; rank 0 writes the rest and the meta
         monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
         monkeypatch.setattr(distributed, "is_main", lambda rank=rank: rank == 0)
-        relabel.generate(_teacher(), images, tmp_path / "ranks", header)
+        relabel.generate(_teacher(), images, tmp_path / "ranks", header, records_per_forward=stacked)
     _same_store(tmp_path / "single", tmp_path / "ranks")
 
 

@@ -8,7 +8,7 @@ import torch
 from lpld.errors import UserError
 from lpld.models import bn_layers, build_model, model_fingerprint, save_teacher
 from lpld.recipes import get_recipe
-from lpld.stats import ClassBNStats, batches_done, collect_class_bn_stats, stats as stats_command
+from lpld.stats import MODES, ClassBNStats, _ClassMoments, batches_done, collect_class_bn_stats, stats as stats_command
 from lpld.workdir import WorkDir
 from test_data import write_fmnist
 
@@ -110,7 +110,7 @@ def _two_rank_pass(rank, folder):
     try:
         halves = [(images[rank::2], labels[rank::2]) for images, labels in batches()]
         for mode in ("ema", "exact"):
-            result = collect_class_bn_stats(tiny_teacher(), halves, NUM_CLASSES, mode=mode)
+            result = collect_class_bn_stats(tiny_teacher(), halves, NUM_CLASSES, mode=mode, max_batch=4)
             if rank == 0:
                 result.save(f"{folder}/{mode}.safetensors")
     finally:
@@ -131,6 +131,23 @@ def test_two_ranks_equal_one_process_over_the_same_batches(tmp_path):
             torch.testing.assert_close(ranks.layers[name].mean, layer.mean, atol=1e-6, rtol=1e-5)
             torch.testing.assert_close(ranks.layers[name].var, layer.var, atol=1e-6, rtol=1e-5)
             assert torch.equal(ranks.layers[name].count, layer.count)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_padding_rows_of_a_gathered_step_change_nothing(mode):
+    """Rows of weight 0 (a rank's padding in the gathered EMA step: label 0 while class 0 is absent,
+    any moments) leave every count and class row exactly as the batch without them."""
+    layers = bn_layers(tiny_teacher())
+    generator = torch.Generator().manual_seed(2)
+    labels = torch.tensor([2, 1, 2, 3])
+    moments = {name: (torch.randn(6, bn.num_features, generator=generator), torch.rand(6, bn.num_features, generator=generator))
+               for name, bn in layers}
+    plain, padded = (_ClassMoments(layers, NUM_CLASSES, mode, 0.1, "cpu") for _ in range(2))
+    plain.fold(labels, {name: (mean[:4], var[:4]) for name, (mean, var) in moments.items()})
+    padded.fold(torch.cat([labels, torch.zeros(2, dtype=torch.int64)]), moments, torch.tensor([1.0, 1, 1, 1, 0, 0]))
+    assert plain.count.tolist() == padded.count.tolist() == [0, 1, 2, 1]
+    for name in plain.first:
+        assert torch.equal(plain.first[name], padded.first[name]) and torch.equal(plain.second[name], padded.second[name])
 
 
 def test_bad_mode_and_out_of_range_labels_are_user_errors():
