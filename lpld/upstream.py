@@ -53,7 +53,7 @@ from .fingerprint import file_sha256
 from .labels import GIB, META, LabelStoreWriter
 from .prune import kept_count, pruned_header, pruned_path
 from .recipes import Recipe, add_recipe_arguments, recipe_from_args
-from .recover import IMAGE_FORMATS, MANIFEST, class_folder, image_name
+from .imagefolder import IMAGE_FORMATS, MANIFEST, class_folder, image_name
 from .relabel import label_header
 from .stats import ClassBNStats, LayerStats
 from .workdir import WorkDir

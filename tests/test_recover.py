@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.transforms.v2 import functional as TF
 
-from lpld import data, models, recover
+from lpld import data, imagefolder, models, recover
 from lpld.errors import UserError
 from lpld.recipes import get_recipe
 from lpld.stats import ClassBNStats, LayerStats
@@ -296,9 +296,9 @@ def test_across_class_uses_the_global_statistics(workdir):
 
 
 def test_names_sort_in_class_order_beyond_1000_classes():
-    names = [recover.class_folder(c, 10450) for c in range(10450)]
+    names = [imagefolder.class_folder(c, 10450) for c in range(10450)]
     assert names == sorted(names) and names[-1] == "c10449"
-    assert recover.image_name(7, 12, 10450, 200, "png") == "c00007_i0012.png"
+    assert imagefolder.image_name(7, 12, 10450, 200, "png") == "c00007_i0012.png"
 
 
 def test_class_wise_batches_against_global_statistics_for_the_ablation(workdir):
