@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import analyze, evaluate, labels, prune, recover, relabel, report, run, squeeze, stats, train, upstream
+from . import analyze, bank, evaluate, labels, prune, recover, relabel, report, run, squeeze, stats, train, upstream
 from .errors import UserError
 
-STAGES = (squeeze, stats, recover, relabel, prune, labels, train, evaluate, analyze, report, run, upstream)
+STAGES = (squeeze, stats, recover, relabel, prune, labels, train, evaluate, analyze, report, run, upstream, bank)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,8 +3,9 @@
 Real data: Fashion-MNIST's original IDX files (Debian's ``dataset-fashion-mnist`` or a torchvision
 download), any ImageFolder ``train/`` + ``val/`` tree (ImageNet-1K, ImageNet-21K-P) and the
 Tiny-ImageNet layout. Nothing is downloaded; a wrong path or a damaged file is a ``UserError``
-that says how to fix it. Distilled data: the ImageFolder that ``lpld recover`` writes, decoded
-once into one tensor whose index order is the label store's ``img_idx`` (SPEC.md section 11.3).
+that says how to fix it. Folders are listed in parallel. Distilled data: the ImageFolder that
+``lpld recover`` writes, listed here and decoded once into ``lpld.bank``, whose index order is
+the label store's ``img_idx`` (SPEC.md section 11.3).
 """
 from __future__ import annotations
 
@@ -12,16 +13,19 @@ import gzip
 import hashlib
 import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
+from tqdm import tqdm
 
+from . import distributed
 from .errors import UserError
 from .fingerprint import tensors_sha256
 
@@ -64,22 +68,27 @@ class RealImages(Dataset):
 
 @dataclass(frozen=True)
 class DistilledImages:
-    """A synthetic set in one tensor; index i is image i of the sorted listing everywhere."""
+    """A synthetic set in one tensor; index i is image i of the sorted listing everywhere.
 
-    images: torch.Tensor  # uint8 [N, C, H, W]
+    ``images`` is a view of the image bank's read-only memory map (``lpld.bank``): shared between
+    processes through the page cache, and never to be written (writing into it crashes).
+    """
+
+    images: torch.Tensor  # uint8 [N, C, H, W], a permuted view of the bank's [N, H, W, C]
     labels: torch.Tensor  # int64 [N]
     classes: list[str]
     files: list[str]
     fingerprint: str
 
 
-def decode_file(path: str, channels: int) -> torch.Tensor:
-    """Decode one image file to uint8 [channels, H, W] (grey for 1 channel, RGB for 3)."""
+def decode_file(path: str, channels: int, encoded: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode one image file (or ``encoded``, its bytes already read) to uint8 [channels, H, W]
+    (grey for 1 channel, RGB for 3)."""
     mode = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}.get(channels)
     if mode is None:
         raise UserError(f"data.channels must be 1 or 3 for image files, not {channels}")
     try:
-        return decode_image(path, mode=mode)
+        return decode_image(path if encoded is None else encoded, mode=mode)
     except RuntimeError as error:
         raise UserError(f"cannot decode image {path} ({error}); remove or replace the file") from None
 
@@ -163,6 +172,7 @@ def _folder_split(root: Path, split: str, layout: str, channels: int, transform)
     classes = _class_folders(root / "train")
     if layout == "tiny" and split == "val":
         files, labels = _tiny_val(root, classes)
+        fingerprint = _listing_fingerprint((Path(f).parent.name, Path(f).name, os.path.getsize(f)) for f in files)
     else:
         folder = root / split
         if split == "val":
@@ -170,19 +180,20 @@ def _folder_split(root: Path, split: str, layout: str, channels: int, transform)
             if unknown:
                 raise UserError(f"{folder} has class folders missing from {root / 'train'}: {unknown[:5]}; "
                                 "train/ and val/ must name the same classes")
+        class_dirs = [folder / name / "images" if layout == "tiny" else folder / name for name in classes]
+        found = scan_folders(class_dirs)
+        fingerprint = _listing_fingerprint((class_dir.name, file.name, file.size)
+                                           for class_dir, files in zip(class_dirs, found) for file in files)
         files, labels = [], []
-        for label, name in enumerate(classes):
-            class_dir = folder / name / "images" if layout == "tiny" else folder / name
-            found = _image_files(class_dir) if class_dir.is_dir() else []
-            if split == "train" and not found:
+        for label, (class_dir, names) in enumerate(zip(class_dirs, ([f.name for f in files] for files in found))):
+            if split == "train" and not names:
                 raise UserError(f"class folder {class_dir} has no images ({', '.join(IMAGE_SUFFIXES)}); "
                                 "remove it or add its images")
-            files += [str(class_dir / f) for f in found]
-            labels += [label] * len(found)
+            files += [str(class_dir / name) for name in names]
+            labels += [label] * len(names)
     if not files:
         raise UserError(f"no images found for split {split!r} under {root}")
-    return RealImages(classes, torch.tensor(labels, dtype=torch.int64), _listing_fingerprint(files),
-                      channels, transform, files=files)
+    return RealImages(classes, torch.tensor(labels, dtype=torch.int64), fingerprint, channels, transform, files=files)
 
 
 def _class_folders(folder: Path) -> list[str]:
@@ -192,11 +203,6 @@ def _class_folders(folder: Path) -> list[str]:
     if not classes:
         raise UserError(f"{folder} has no class folders: expected {folder}/<class>/<image files>")
     return classes
-
-
-def _image_files(folder: Path) -> list[str]:
-    return sorted(entry.name for entry in os.scandir(folder)
-                  if entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES))
 
 
 def _tiny_val(root: Path, classes: list[str]) -> tuple[list[str], list[int]]:
@@ -221,43 +227,58 @@ def _tiny_val(root: Path, classes: list[str]) -> tuple[list[str], list[int]]:
     return [files[i] for i in order], [labels[i] for i in order]
 
 
-def _listing_fingerprint(files: list[str]) -> str:
-    """Hash of the file names and sizes: cheap even for ImageNet, and it changes if files do."""
+def _listing_fingerprint(entries: Iterable[tuple[str, str, int]]) -> str:
+    """Hash of (folder name, file name, size) per file: cheap even for ImageNet, and it changes if files do."""
     digest = hashlib.sha256()
-    for path in files:
-        digest.update(f"{Path(path).parent.name}/{Path(path).name}|{os.path.getsize(path)}\n".encode())
+    for folder, name, size in entries:
+        digest.update(f"{folder}/{name}|{size}\n".encode())
     return digest.hexdigest()[:16]
 
 
-def distilled_listing(path: str | Path) -> dict[str, list[str]]:
-    """Sorted class folder -> its sorted image files, for a synthetic ImageFolder (nothing decoded)."""
+class ImageFile(NamedTuple):
+    """One image file of a folder listing, with what its stat says (for fingerprints and staleness checks).
+
+    ``ctime_ns`` (the inode's change time) moves with every write and every change of mtime, and
+    unlike mtime no tool can set it back.
+    """
+
+    name: str
+    size: int
+    ctime_ns: int
+
+
+def scan_folders(folders: Sequence[Path]) -> list[list[ImageFile]]:
+    """Each folder's image files sorted by name (none for a missing folder).
+
+    One ``os.scandir`` per folder in a thread pool: at ImageNet-21K scale (11 M files in 21 k
+    folders) the cost is system calls, which release the GIL, so threads overlap them.
+    """
+    with ThreadPoolExecutor() as pool:
+        return list(tqdm(pool.map(_scan_folder, folders), total=len(folders), unit="folder", desc="list images",
+                         leave=False, disable=len(folders) < 100 or not distributed.is_main()))
+
+
+def _scan_folder(folder: Path) -> list[ImageFile]:
+    try:
+        with os.scandir(folder) as entries:
+            found = [(entry.name, entry.stat()) for entry in entries
+                     if entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(ImageFile(name, stat.st_size, stat.st_ctime_ns) for name, stat in found)
+
+
+def distilled_listing(path: str | Path) -> dict[str, list[ImageFile]]:
+    """Sorted class folder -> its image files sorted by name, for a synthetic ImageFolder (nothing decoded)."""
     root = Path(path)
     if not root.is_dir():
         raise UserError(f"distilled image folder {root} does not exist: run `lpld recover` first")
-    listing = {name: _image_files(root / name) for name in _class_folders(root)}
+    classes = _class_folders(root)
+    listing = dict(zip(classes, scan_folders([root / name for name in classes])))
     for name, found in listing.items():
         if not found:
             raise UserError(f"distilled class folder {root / name} is empty: rerun `lpld recover`")
     return listing
-
-
-def load_distilled(path: str | Path, channels: int) -> DistilledImages:
-    """Decode a synthetic ImageFolder once: sorted class folders, sorted files, one uint8 tensor."""
-    root = Path(path)
-    listing = distilled_listing(root)
-    classes = list(listing)
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        files += [f"{name}/{f}" for f in listing[name]]
-        labels += [label] * len(listing[name])
-    decoded = [decode_file(str(root / f), channels) for f in files]
-    sizes = sorted({tuple(image.shape) for image in decoded})
-    if len(sizes) != 1:
-        raise UserError(f"distilled images in {root} differ in size ({sizes[:3]}); all must share one size")
-    images = torch.stack(decoded)
-    targets = torch.tensor(labels, dtype=torch.int64)
-    fingerprint = tensors_sha256({"images": images, "labels": targets})[:16]
-    return DistilledImages(images, targets, classes, files, fingerprint)
 
 
 def train_transform(data, scale: tuple[float, float] = (0.08, 1.0), kind: str = "rrc") -> v2.Compose:

@@ -4,7 +4,8 @@
 so sorted names are class order for any class count, and the image index of a sorted listing is
 the label store's ``img_idx`` (SPEC.md section 11.3). Which jobs are finished lives in
 ``manifest.json`` plus one append-only JSONL per rank, so ranks never write the same file and a
-crash loses only the jobs in flight.
+crash loses only the jobs in flight. The decoded pixels of the finished folder sit beside it in
+the image bank (``lpld.bank``).
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import lpld_kernels
 
-from . import distributed, models
+from . import bank, distributed, models
 from .augment import crop_resize_flip, sample_crop_boxes, sample_flips
 from .errors import UserError
 from .fingerprint import file_sha256
@@ -269,7 +269,8 @@ def load_targets(recipe: Recipe, workdir: WorkDir, teacher: torch.nn.Module, tea
 def recover(recipe: Recipe, workdir: WorkDir, device=None, options: Options = Options(),
             show_progress: bool = True) -> Path:
     """Synthesize ``recipe.recover.ipc`` images per class into ``workdir.distilled`` (an ImageFolder
-    plus manifest.json), skipping jobs an earlier run finished; ranks of torchrun share the jobs."""
+    plus manifest.json, and the image bank once complete), skipping jobs an earlier run finished;
+    ranks of torchrun share the jobs."""
     check_recipe(recipe)
     rank, world = distributed.init()
     device = distributed.device(None if device is None else str(device))
@@ -327,6 +328,8 @@ def recover(recipe: Recipe, workdir: WorkDir, device=None, options: Options = Op
         print(f"recover: {len(manifest['completed'])}/{len(jobs)} {cfg.batching} jobs complete; this run "
               f"{fresh} images x {cfg.iterations} iterations in {elapsed:.1f} s ({fresh / max(elapsed, 1e-9):.2f} "
               f"images/s, {fresh * cfg.iterations / max(elapsed, 1e-9):.0f} image-iterations/s) -> {root}")
+        if manifest["complete"]:
+            bank.refresh(root, recipe.data.channels)
     return root
 
 

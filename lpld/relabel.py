@@ -139,11 +139,11 @@ def relabel(recipe: Recipe, workdir: WorkDir, device: torch.device | str, only_k
     pool, seed) into the pruned store's directory: the paper's "less label" runs, which never
     generate the other records at all.
     """
-    from . import data, models, prune
+    from . import bank, models, prune
 
     start = time.perf_counter()
     distributed.init()
-    distilled = data.load_distilled(workdir.distilled, recipe.data.channels)
+    distilled = bank.open(workdir.distilled, recipe.data.channels)
     teacher = models.load_teacher(workdir.teacher, recipe, device)
     header = label_header(recipe, distilled.images, distilled.fingerprint, models.model_fingerprint(teacher), topk)
     ids, out = None, workdir.labels
