@@ -3,7 +3,8 @@
 Real data: Fashion-MNIST's original IDX files (Debian's ``dataset-fashion-mnist`` or a torchvision
 download), any ImageFolder ``train/`` + ``val/`` tree (ImageNet-1K, ImageNet-21K-P) and the
 Tiny-ImageNet layout. Nothing is downloaded; a wrong path or a damaged file is a ``UserError``
-that says how to fix it. Folders are listed in parallel. Distilled data: the ImageFolder that
+that says how to fix it. Folder listings are scanned in parallel and, given a cache folder (the
+work directory's ``listings/``), kept between stages. Distilled data: the ImageFolder that
 ``lpld recover`` writes, listed here and decoded once into ``lpld.bank``, whose index order is
 the label store's ``img_idx`` (SPEC.md section 11.3).
 """
@@ -11,7 +12,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
+import json
 import os
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +30,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from . import distributed
+from .atomic import write_atomically
 from .errors import UserError
 from .fingerprint import tensors_sha256
 
@@ -38,6 +43,8 @@ FMNIST_HELP = ("install Debian's package (`apt-get install dataset-fashion-mnist
                "/usr/share/datasets/fashion-mnist) or point --data at a torchvision FashionMNIST download "
                "(its FashionMNIST/raw folder)")
 IDX_UBYTE = 0x08
+LISTING_FORMAT = "lpld-listing/1"
+SETTLED_NS = 2 * 10**9  # a folder modified more recently than this is not cached (see list_images)
 
 
 class RealImages(Dataset):
@@ -93,11 +100,12 @@ def decode_file(path: str, channels: int, encoded: torch.Tensor | None = None) -
         raise UserError(f"cannot decode image {path} ({error}); remove or replace the file") from None
 
 
-def load_real(data, split: str, transform: Callable | None = None) -> RealImages:
+def load_real(data, split: str, transform: Callable | None = None, cache: Path | None = None) -> RealImages:
     """The real ``split`` ("train" or "val") of ``data`` (a recipe's DataConfig).
 
     "val" is Fashion-MNIST's t10k set, an ImageFolder's val/ and Tiny-ImageNet's val/images with
     val_annotations.txt. The class list always comes from the train split, so labels agree.
+    ``cache`` (``WorkDir.listings``) keeps folder listings between stages (``list_images``).
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
@@ -110,7 +118,7 @@ def load_real(data, split: str, transform: Callable | None = None) -> RealImages
     if data.dataset == "fmnist":
         dataset = _fashion_mnist(root, split, data.channels, transform)
     elif data.dataset in ("imagefolder", "tiny"):
-        dataset = _folder_split(root, split, data.dataset, data.channels, transform)
+        dataset = _folder_split(root, split, data.dataset, data.channels, transform, cache)
     else:
         raise UserError(f"unknown data.dataset {data.dataset!r}; choose fmnist, imagefolder or tiny")
     if len(dataset.classes) != data.num_classes:
@@ -167,7 +175,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()
 
 
-def _folder_split(root: Path, split: str, layout: str, channels: int, transform) -> RealImages:
+def _folder_split(root: Path, split: str, layout: str, channels: int, transform, cache: Path | None) -> RealImages:
     """ImageFolder ``<root>/<split>/<class>/*`` or Tiny-ImageNet (train/<wnid>/images, val/images)."""
     classes = _class_folders(root / "train")
     if layout == "tiny" and split == "val":
@@ -181,11 +189,11 @@ def _folder_split(root: Path, split: str, layout: str, channels: int, transform)
                 raise UserError(f"{folder} has class folders missing from {root / 'train'}: {unknown[:5]}; "
                                 "train/ and val/ must name the same classes")
         class_dirs = [folder / name / "images" if layout == "tiny" else folder / name for name in classes]
-        found = scan_folders(class_dirs)
-        fingerprint = _listing_fingerprint((class_dir.name, file.name, file.size)
-                                           for class_dir, files in zip(class_dirs, found) for file in files)
+        key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+        cache_file = None if cache is None else cache / f"{key}-{split}.txt"
+        found, fingerprint = list_images(class_dirs, cache_file)
         files, labels = [], []
-        for label, (class_dir, names) in enumerate(zip(class_dirs, ([f.name for f in files] for files in found))):
+        for label, (class_dir, names) in enumerate(zip(class_dirs, found)):
             if split == "train" and not names:
                 raise UserError(f"class folder {class_dir} has no images ({', '.join(IMAGE_SUFFIXES)}); "
                                 "remove it or add its images")
@@ -266,6 +274,69 @@ def _scan_folder(folder: Path) -> list[ImageFile]:
     except (FileNotFoundError, NotADirectoryError):
         return []
     return sorted(ImageFile(name, stat.st_size, stat.st_ctime_ns) for name, stat in found)
+
+
+def list_images(folders: Sequence[Path], cache_file: Path | None = None) -> tuple[list[list[str]], str]:
+    """Each folder's sorted image file names, and the fingerprint of the listing (names and sizes).
+
+    With ``cache_file`` the folders are scanned once and the listing is read back while every
+    folder's mtime_ns is unchanged (adding, removing or renaming a file changes its folder's), so
+    later stages and ranks read one file instead of stat'ing every image. A file rewritten in place
+    under its old name goes unnoticed. Only rank 0 writes the cache, and not while a folder was
+    modified in the last ``SETTLED_NS``: a change within the timestamps' granularity could be missed.
+    """
+    stamps = _folder_stamps(folders)
+    if cache_file is not None and (cached := _read_listing(cache_file, folders, stamps)) is not None:
+        return cached
+    scanned = scan_folders(folders)
+    names = [[file.name for file in files] for files in scanned]
+    fingerprint = _listing_fingerprint((folder.name, file.name, file.size)
+                                       for folder, files in zip(folders, scanned) for file in files)
+    settled = all(time.time_ns() - stamp > SETTLED_NS for stamp in stamps)
+    if cache_file is not None and settled and distributed.is_main():
+        _write_listing(cache_file, folders, stamps, names, fingerprint)
+    return names, fingerprint
+
+
+def _folder_stamps(folders: Sequence[Path]) -> list[int]:
+    """Each folder's mtime_ns (-1 when it does not exist)."""
+    def stamp(folder: Path) -> int:
+        try:
+            return os.stat(folder).st_mtime_ns
+        except FileNotFoundError:
+            return -1
+    with ThreadPoolExecutor() as pool:
+        return list(pool.map(stamp, folders))
+
+
+def _listing_header(folders: Sequence[Path], stamps: list[int]) -> dict:
+    return {"format": LISTING_FORMAT, "folders": [os.path.abspath(folder) for folder in folders], "mtime_ns": stamps}
+
+
+def _read_listing(path: Path, folders: Sequence[Path], stamps: list[int]) -> tuple[list[list[str]], str] | None:
+    """The cached listing if ``path`` holds one of these folders at these mtimes, else None."""
+    try:
+        head, _, body = path.read_text().partition("\n")
+        header = json.loads(head)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if {key: header.get(key) for key in ("format", "folders", "mtime_ns")} != _listing_header(folders, stamps):
+        return None
+    names = body.split("\n") if body else []
+    if sum(header["counts"]) != len(names):
+        return None
+    offsets = [0, *itertools.accumulate(header["counts"])]
+    return [names[a:b] for a, b in zip(offsets, offsets[1:])], header["fingerprint"]
+
+
+def _write_listing(path: Path, folders: Sequence[Path], stamps: list[int], names: list[list[str]],
+                   fingerprint: str) -> None:
+    """One file: a JSON header line (folders, their mtimes, counts, fingerprint), then one file name per line."""
+    if any("\n" in name for files in names for name in files):
+        return
+    header = {**_listing_header(folders, stamps), "counts": [len(files) for files in names], "fingerprint": fingerprint}
+    text = "\n".join([json.dumps(header), *(name for files in names for name in files)])
+    write_atomically(path, lambda partial: partial.write_text(text))
 
 
 def distilled_listing(path: str | Path) -> dict[str, list[ImageFile]]:

@@ -309,7 +309,7 @@ def train(recipe: Recipe, workdir: WorkDir, labels_path: str | Path, name: str, 
     loss_fn = make_loss_fn(network, config, device)
     batches = replay.make_loader(loader or config.loader, store, distilled.images, sampler, store.meta["size"],
                                  store.meta["mean"], store.meta["std"], device, config.workers)
-    val_set = evaluate.validation_set(recipe.data)
+    val_set = evaluate.validation_set(recipe.data, workdir.listings)
 
     def validate() -> dict:
         distributed.broadcast_buffers(model)  # every rank's shard scored with rank 0's model

@@ -3,6 +3,7 @@ import gzip
 import hashlib
 import os
 import struct
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -199,11 +200,18 @@ def test_eval_views_follow_the_recipe():
     torch.testing.assert_close(squashed, direct)  # mean 0, std 1: [0, 1] pixels
 
 
+def settle(*folders: Path) -> None:
+    """Date folders 10 s back, as a data set at rest is (data.SETTLED_NS keeps fresh folders uncached)."""
+    past = time.time_ns() - 10**10
+    for folder in folders:
+        os.utime(folder, ns=(past, past))
+
+
 def test_listing_equals_a_sorted_walk(tmp_path):
     data = image_folder(tmp_path, per_class=4)
     (tmp_path / "train" / "ant" / "notes.txt").write_text("not an image")
     write_images(tmp_path / "train" / "ant", 1, suffix=".JPEG")  # img00.JPEG next to img00.png
-    train = load_real(data, "train")
+    train = load_real(data, "train", cache=tmp_path / "listings")
     expected, labels, fingerprint = [], [], hashlib.sha256()
     classes = sorted(next(os.walk(tmp_path / "train"))[1])
     for label, name in enumerate(classes):
@@ -215,3 +223,29 @@ def test_listing_equals_a_sorted_walk(tmp_path):
     assert train.classes == classes == ["ant", "bee", "cat"]
     assert train.files == expected and train.targets.tolist() == labels
     assert train.fingerprint == fingerprint.hexdigest()[:16]  # the value earlier versions recorded
+
+
+def test_listing_cache_is_read_back_until_a_folder_changes(tmp_path, monkeypatch):
+    data = image_folder(tmp_path)
+    cache = tmp_path / "run" / "listings"
+    settle(*(tmp_path / "train").iterdir())
+    first = load_real(data, "train", cache=cache)
+    assert len(list(cache.iterdir())) == 1
+    scans = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path: scans.append(Path(path)) or real_scandir(path))
+    again = load_real(data, "train", cache=cache)
+    assert scans == [tmp_path / "train"]  # the class list only: no class folder was scanned
+    assert (again.files, again.targets.tolist(), again.fingerprint) == (first.files, first.targets.tolist(),
+                                                                       first.fingerprint)
+
+    write_images(tmp_path / "train" / "bee", 4)  # img03.png is new, and bee's mtime is now
+    scans.clear()
+    changed = load_real(data, "train", cache=cache)
+    assert tmp_path / "train" / "bee" in scans
+    assert len(changed) == len(first) + 1 and str(tmp_path / "train" / "bee" / "img03.png") in changed.files
+    assert changed.fingerprint != first.fingerprint
+    settle(tmp_path / "train" / "bee")
+    assert load_real(data, "train", cache=cache).files == changed.files  # scanned again and cached
+    scans.clear()
+    assert load_real(data, "train", cache=cache).files == changed.files and scans == [tmp_path / "train"]
