@@ -197,7 +197,8 @@ def _folder_split(root: Path, split: str, layout: str, channels: int, transform,
             if split == "train" and not names:
                 raise UserError(f"class folder {class_dir} has no images ({', '.join(IMAGE_SUFFIXES)}); "
                                 "remove it or add its images")
-            files += [str(class_dir / name) for name in names]
+            prefix = os.path.join(class_dir, "")  # joined as strings: Path joins cost 3 s per million files
+            files += [prefix + name for name in names]
             labels += [label] * len(names)
     if not files:
         raise UserError(f"no images found for split {split!r} under {root}")
