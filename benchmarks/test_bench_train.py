@@ -27,9 +27,8 @@ from torchvision.io import write_png
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from lpld import augment, relabel, replay
+from lpld import augment, bank, relabel, replay
 from lpld import train as training
-from lpld.data import load_distilled
 from lpld.labels import LabelStore
 from lpld.models import build_model
 from lpld.recipes import get_recipe
@@ -66,7 +65,7 @@ def setup(tmp_path_factory, write_benchmark_results):
         f"data.std={std}", f"model.arch={SHAPE['arch']}", f"model.stem={SHAPE['stem']}", "relabel.epochs=1",
         f"relabel.batch_size={SHAPE['batch']}", "relabel.mix=cutmix", f"train.compile={SHAPE['compile']}",
     ])
-    distilled = load_distilled(root / "distilled", channels)
+    distilled = bank.open(root / "distilled", channels)
     # A cheap stand-in teacher: the logits only need the right shape and dtype here.
     teacher = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, classes))
     header = relabel.label_header(recipe, distilled.images, distilled.fingerprint, "bench")

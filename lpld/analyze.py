@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import data, distributed, models
+from . import bank, distributed, models
 from .errors import UserError
 from .recipes import Recipe, add_recipe_arguments, recipe_from_args
 from .workdir import WorkDir
@@ -77,7 +77,7 @@ def teacher_inputs(images: torch.Tensor, recipe: Recipe) -> torch.Tensor:
 
 def diversity(path: str | Path, recipe: Recipe, teacher_path: str | Path, device) -> Diversity:
     """Within-class feature similarity of the ImageFolder at ``path`` under the given teacher."""
-    images = data.load_distilled(path, recipe.data.channels)
+    images = bank.open(path, recipe.data.channels)
     teacher = models.load_teacher(teacher_path, recipe, device)
     features = penultimate_features(teacher, images.images, prepare=lambda batch: teacher_inputs(batch, recipe))
     per_label = within_class_cosine(features, images.labels)
@@ -92,7 +92,8 @@ def register(subparsers) -> None:
     analyses = parser.add_subparsers(dest="analysis", required=True)
     similarity = analyses.add_parser(
         "diversity", help="mean within-class cosine similarity of teacher penultimate features (paper Table 1)")
-    similarity.add_argument("path", help="an ImageFolder of same-size images (e.g. RUN/distilled)")
+    similarity.add_argument("path", help="an ImageFolder of same-size images (e.g. RUN/distilled); its image bank "
+                                             "is built beside the images when missing")
     add_recipe_arguments(similarity)
     similarity.add_argument("--teacher", default=None, help="teacher weights (default: the work directory's)")
     similarity.add_argument("--name", default=None,

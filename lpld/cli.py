@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import analyze, distributed, evaluate, labels, prune, recover, relabel, report, reproduce, run, squeeze, stats, train, upstream
+from . import (analyze, bank, distributed, evaluate, labels, prune, recover, relabel, report, reproduce, run, squeeze,
+               stats, train, upstream)
 from .errors import UserError
 
-STAGES = (squeeze, stats, recover, relabel, prune, labels, train, evaluate, analyze, report, run, reproduce, upstream)
+STAGES = (squeeze, stats, recover, relabel, prune, labels, train, evaluate, analyze, report, run, reproduce, bank, upstream)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,10 +24,11 @@ from .workdir import WorkDir
 STUDENT_FILE = "student.safetensors"
 
 
-def validation_set(data: DataConfig) -> Dataset:
+def validation_set(data: DataConfig, listings: Path | None = None) -> Dataset:
+    """The real val split in the evaluation view; ``listings`` (``WorkDir.listings``) caches its listing."""
     from . import data as datasets
 
-    return datasets.load_real(data, "val", transform=datasets.eval_transform(data))
+    return datasets.load_real(data, "val", datasets.eval_transform(data), listings)
 
 
 def evaluate(model: nn.Module, data: DataConfig, device: torch.device | str = "cpu", batch_size: int = 256,
@@ -88,7 +89,7 @@ def _command(args: argparse.Namespace) -> None:
     if not path.is_file():
         raise UserError(f"no network at {path}: train it first (lpld squeeze / lpld train) or pass --weights FILE")
     metrics = evaluate(load_network(path, device), recipe.data, device, args.batch_size, args.workers,
-                       bf16=recipe.train.bf16)
+                       validation_set(recipe.data, workdir.listings), bf16=recipe.train.bf16)
     if distributed.is_main():
         print(f"eval {path}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
               f"loss {metrics['loss']:.4f}  ({metrics['images']} {recipe.data.dataset} val images)")

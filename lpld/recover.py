@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +29,11 @@ from tqdm import tqdm
 
 import lpld_kernels
 
-from . import distributed, models
+from . import bank, distributed, models
 from .augment import crop_resize_flip, sample_crop_boxes, sample_flips
-from .atomic import write_atomically
 from .errors import UserError
 from .fingerprint import file_sha256
+from .imagefolder import IMAGE_FORMATS, Progress, class_folder, save_images
 from .recipes import Recipe, add_recipe_arguments, recipe_from_args
 from .stats import ClassBNStats
 from .workdir import WorkDir
@@ -44,10 +42,8 @@ BATCHING = ("class-wise", "across-class")
 BN_LOSSES = ("l2", "rms")
 STATS = ("class", "global")
 PIXEL_SPACES = ("normalized", "unit")
-IMAGE_FORMATS = {"jpeg": "jpg", "png": "png"}
 CROP_RATIO = (3 / 4, 4 / 3)
 ACROSS_CLASS_BATCH = 100  # SRe2L's batch: 100 classes, one image each (SPEC.md section 3)
-MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -62,15 +58,6 @@ class Job:
 
     def __len__(self) -> int:
         return len(self.classes)
-
-
-def class_folder(label: int, num_classes: int) -> str:
-    """``c00042``: zero-padded so that sorted folder names are class order, for any class count."""
-    return f"c{label:0{max(5, len(str(num_classes - 1)))}d}"
-
-
-def image_name(label: int, index: int, num_classes: int, ipc: int, ext: str) -> str:
-    return f"{class_folder(label, num_classes)}_i{index:0{max(4, len(str(ipc - 1)))}d}.{ext}"
 
 
 def job_seed(seed: int, *ids: int) -> int:
@@ -266,79 +253,6 @@ def auto_jobs_per_step(job_size: int, resolution: int, device: torch.device) -> 
     return max(1, int(budget // (job_size * resolution * resolution)))
 
 
-def save_images(root: Path, job: Job, pixels: torch.Tensor, recipe: Recipe) -> None:
-    """Write the job's images as uint8 by truncation (as upstream), JPEG at the recipe quality or PNG;
-    a 1-channel image is written as grayscale."""
-    cfg, num_classes = recipe.recover, recipe.data.num_classes
-    ext = IMAGE_FORMATS[cfg.image_format]
-    images = (pixels.float() * 255).to(torch.uint8).cpu()
-    for image, label, index in zip(images, job.classes, job.indices):
-        folder = root / class_folder(label, num_classes)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = str(folder / image_name(label, index, num_classes, cfg.ipc, ext))
-        if cfg.image_format == "jpeg":
-            torchvision.io.write_jpeg(image, path, quality=cfg.jpeg_quality)
-        else:
-            torchvision.io.write_png(image, path)
-
-
-class Progress:
-    """Which jobs are finished: manifest.json plus one append-only JSONL per rank for the jobs
-    finished since, so that ranks never write the same file and a crash loses only jobs in flight."""
-
-    def __init__(self, root: Path, recipe: Recipe, identity: dict):
-        self.root, self.recipe = root, recipe
-        self.identity = json.loads(json.dumps(identity))  # as read back: tuples become lists
-        self.manifest_path = root / MANIFEST
-
-    def read_manifest(self) -> dict | None:
-        if not self.manifest_path.exists():
-            return None
-        try:
-            manifest = json.loads(self.manifest_path.read_text())
-        except json.JSONDecodeError as error:
-            raise UserError(f"{self.manifest_path} is corrupt ({error}); delete {self.root} to start over") from None
-        if manifest.get("identity") != self.identity:
-            raise UserError(
-                f"{self.root} holds images made with other settings, teacher or statistics (see {MANIFEST}); "
-                "delete it, or use another --workdir, to recover with these"
-            )
-        return manifest
-
-    def completed(self, jobs: list[Job]) -> dict[str, dict]:
-        """Finished jobs whose image files all exist."""
-        manifest = self.read_manifest() or {}
-        done = dict(manifest.get("completed", {}))
-        for path in sorted(self.root.glob("progress-rank*.jsonl")):
-            for line in path.read_text().splitlines():
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a crash: that job is redone
-                    continue
-                done[entry.pop("job")] = entry
-        cfg, num_classes = self.recipe.recover, self.recipe.data.num_classes
-        ext = IMAGE_FORMATS[cfg.image_format]
-        return {job.key: done[job.key] for job in jobs if job.key in done and all(
-            (self.root / class_folder(c, num_classes) / image_name(c, i, num_classes, cfg.ipc, ext)).exists()
-            for c, i in zip(job.classes, job.indices))}
-
-    def record(self, rank: int, job: Job, seconds: float) -> None:
-        with open(self.root / f"progress-rank{rank}.jsonl", "a") as handle:
-            handle.write(json.dumps({"job": job.key, "images": len(job), "rank": rank, "seconds": round(seconds, 3)}) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    def write_manifest(self, fields: dict, jobs: list[Job]) -> dict:
-        """Fold the per-rank records into manifest.json (atomically) and drop them."""
-        completed = self.completed(jobs)
-        manifest = {**fields, "identity": self.identity, "completed": dict(sorted(completed.items())),
-                    "complete": len(completed) == len(jobs)}
-        write_atomically(self.manifest_path, lambda partial: partial.write_text(json.dumps(manifest, indent=1)))
-        for path in self.root.glob("progress-rank*.jsonl"):
-            path.unlink()
-        return manifest
-
-
 def load_targets(recipe: Recipe, workdir: WorkDir, teacher: torch.nn.Module, teacher_fingerprint: str,
                  device) -> tuple[Targets, str | None]:
     """Class statistics for class-wise batching (refusing another teacher's), global ones for the
@@ -355,7 +269,8 @@ def load_targets(recipe: Recipe, workdir: WorkDir, teacher: torch.nn.Module, tea
 def recover(recipe: Recipe, workdir: WorkDir, device=None, options: Options = Options(),
             show_progress: bool = True) -> Path:
     """Synthesize ``recipe.recover.ipc`` images per class into ``workdir.distilled`` (an ImageFolder
-    plus manifest.json), skipping jobs an earlier run finished; ranks of torchrun share the jobs."""
+    plus manifest.json, and the image bank once complete), skipping jobs an earlier run finished;
+    ranks of torchrun share the jobs."""
     check_recipe(recipe)
     rank, world = distributed.init()
     device = distributed.device(None if device is None else str(device))
@@ -413,6 +328,8 @@ def recover(recipe: Recipe, workdir: WorkDir, device=None, options: Options = Op
         print(f"recover: {len(manifest['completed'])}/{len(jobs)} {cfg.batching} jobs complete; this run "
               f"{fresh} images x {cfg.iterations} iterations in {elapsed:.1f} s ({fresh / max(elapsed, 1e-9):.2f} "
               f"images/s, {fresh * cfg.iterations / max(elapsed, 1e-9):.0f} image-iterations/s) -> {root}")
+        if manifest["complete"]:
+            bank.refresh(root, recipe.data.channels)
     return root
 
 

@@ -230,11 +230,11 @@ def relabel(recipe: Recipe, workdir: WorkDir, device: torch.device | str, only_k
     generate the other records at all. ``images_per_forward`` sets how many records share a
     teacher forward (a speed setting: the store does not record it, and a resume may change it).
     """
-    from . import data, models, prune
+    from . import bank, models, prune
 
     start = time.perf_counter()
     distributed.init()
-    distilled = data.load_distilled(workdir.distilled, recipe.data.channels)
+    distilled = bank.open(workdir.distilled, recipe.data.channels)
     teacher = models.load_teacher(workdir.teacher, recipe, device)
     header = label_header(recipe, distilled.images, distilled.fingerprint, models.model_fingerprint(teacher), codec)
     ids, out = None, workdir.labels

@@ -80,8 +80,8 @@ class PlanSampler(Sampler[int]):
 class RecordDataset(Dataset):
     """Map-style dataset whose keys are global record ids g; item g is the replayed batch of record g.
 
-    ``images`` are all distilled images, uint8 [N, C, H, W], decoded once; forked workers share
-    their pages;
+    ``images`` are all distilled images, uint8 [N, C, H, W] (the image bank's memory map, see
+    ``lpld.bank``); forked workers share its pages;
     ``store`` is anything with ``record(g) -> augment.Record`` (a ``lpld.labels.LabelStore``).
     """
 
@@ -126,8 +126,8 @@ class DaliLoader:
         except ImportError as error:  # pragma: no cover - DALI is a pinned dependency
             raise UserError(f"the DALI loader needs nvidia-dali ({error}); install it or pass --loader torch") from None
         self.store, self.sampler = store, sampler
-        # An owned HWC copy: DALI reads it from its own threads, so it must not alias the caller's tensor.
-        self.images_hwc = images.permute(0, 2, 3, 1).cpu().numpy().copy()
+        # The bank's own [N, H, W, C] memory, not a copy; each batch below is gathered into a new array.
+        self.images_hwc = images.permute(0, 2, 3, 1).cpu().numpy()
         self.size, self.mean, self.std = size, tuple(mean), tuple(std)
         self.device, self.threads = torch.device(device), threads
         self.batch_size = store.meta["batch_size"]
@@ -145,7 +145,7 @@ class DaliLoader:
         n = len(record.img_idx)
         crop = np.asarray(record.crop, dtype=np.int32)
         inputs = [
-            self.images_hwc[np.asarray(record.img_idx, dtype=np.int64)],
+            np.ascontiguousarray(self.images_hwc[np.asarray(record.img_idx, dtype=np.int64)]),
             np.ascontiguousarray(crop[:, :2]),
             np.ascontiguousarray(crop[:, 2:]),
             np.asarray(record.flip, dtype=np.int32),

@@ -331,7 +331,7 @@ def distilled_section(page: Page, workdir: WorkDir, classes: str | None, compare
             files = listings[s.name].get(folder, [])[:MAX_SHOWN_IMAGES]
             if not files:
                 continue
-            layout = write_grid([s.path / folder / f for f in files], channels, page.folder / f"grid-{tag}-{folder}.png")
+            layout = write_grid([s.path / folder / f.name for f in files], channels, page.folder / f"grid-{tag}-{folder}.png")
             recorded.append({"set": s.name, "folder": folder, "class": names[folder], **layout})
             overview.setdefault(s.name, []).append((names[folder], page.folder / layout["png"]))
     scale = recorded[0]["scale"] if recorded else 1

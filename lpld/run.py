@@ -10,7 +10,6 @@ written to ``WorkDir.summary``).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import time
 from dataclasses import dataclass
@@ -30,20 +29,13 @@ class Stage:
     name: str
     done: Callable[[], bool]
     work: Callable[[], object]
-    images: Callable[[], float | None]  # image passes of a full run of the stage (its throughput's unit)
+    images: Callable[[object], float | None]  # image passes of a full run, from what ``work`` returned
     unit: str = "img/s"
 
 
 def _recover_complete(workdir: WorkDir) -> bool:
     manifest = workdir.distilled / "manifest.json"
     return manifest.is_file() and bool(json.loads(manifest.read_text()).get("complete"))
-
-
-@functools.cache
-def _train_images(recipe: Recipe) -> int:
-    from .data import load_real
-
-    return len(load_real(recipe.data, "train"))
 
 
 def student_name(ratio: float) -> str:
@@ -75,24 +67,24 @@ def run(recipe: Recipe, workdir: WorkDir, device: torch.device | str | None = No
                                               // recipe.relabel.batch_size) * recipe.relabel.batch_size
     stages = [
         Stage("squeeze", workdir.teacher.is_file, lambda: squeeze.squeeze(recipe, workdir, device),
-              lambda: None if recipe.model.weights else recipe.squeeze.epochs * _train_images(recipe)),
+              lambda meta: recipe.squeeze.epochs * meta["train_images"] if "train_images" in meta else None),
         Stage("stats", workdir.stats.is_file, lambda: stats.stats(recipe, workdir, device),
-              lambda: _train_images(recipe)),
+              lambda result: result.meta["images"]),
         Stage("recover", lambda: _recover_complete(workdir), lambda: recover.recover(recipe, workdir, device),
-              lambda: recipe.data.num_classes * recipe.recover.ipc * recipe.recover.iterations, "img-steps/s"),
+              lambda _: recipe.data.num_classes * recipe.recover.ipc * recipe.recover.iterations, "img-steps/s"),
         Stage("relabel", store_done[workdir.labels], lambda: relabel.relabel(recipe, workdir, device),
-              lambda: relabel_images),
-        Stage("prune", store_done[pruned], prune_labels, lambda: None),
+              lambda _: relabel_images),
+        Stage("prune", store_done[pruned], prune_labels, lambda _: None),
         *(Stage(f"train {name}", lambda name=name: (workdir.student(name) / train.SUMMARY).is_file(),
-                lambda name=name: train_student(name), lambda name=name: None) for name in students),
+                lambda name=name: train_student(name), lambda _: None) for name in students),
     ]
     stage_rows = []
     for stage in stages:
         reused, start = stage.done(), time.perf_counter()
-        stage.work()
+        result = stage.work()
         distributed.barrier()
         seconds = time.perf_counter() - start
-        images = None if reused else stage.images()
+        images = None if reused else stage.images(result)
         stage_rows.append({"stage": stage.name, "reused": reused, "seconds": seconds, "unit": stage.unit,
                        "images_per_sec": images / seconds if images else None})
     for row in stage_rows:
@@ -100,7 +92,8 @@ def run(recipe: Recipe, workdir: WorkDir, device: torch.device | str | None = No
             row["images_per_sec"] = results[row["stage"][len("train "):]]["images_per_sec"]
 
     start = time.perf_counter()
-    teacher = evaluate.evaluate(evaluate.load_network(workdir.teacher, device), recipe.data, device)
+    teacher = evaluate.evaluate(evaluate.load_network(workdir.teacher, device), recipe.data, device,
+                                dataset=evaluate.validation_set(recipe.data, workdir.listings))
     seconds = time.perf_counter() - start
     stage_rows.append({"stage": "eval teacher", "reused": False, "seconds": seconds, "unit": "img/s",
                    "images_per_sec": teacher["images"] / seconds})

@@ -48,8 +48,8 @@ def squeeze(recipe: Recipe, workdir: WorkDir, device: torch.device | str, weight
         model.to(device)
         source = {"source": str(Path(weights).resolve())}
     else:
-        _train(model, recipe, workdir, device)
-        source = {"source": "trained", "epochs": recipe.squeeze.epochs}
+        source = {"source": "trained", "epochs": recipe.squeeze.epochs,
+                  "train_images": _train(model, recipe, workdir, device)}
     scores = evaluate(model, recipe.data, device, batch_size=recipe.squeeze.batch_size, workers=recipe.squeeze.workers)
     meta = {"val_top1": scores["top1"], **source}
     if distributed.is_main():
@@ -61,10 +61,11 @@ def squeeze(recipe: Recipe, workdir: WorkDir, device: torch.device | str, weight
     return meta
 
 
-def _train(model: torch.nn.Module, recipe: Recipe, workdir: WorkDir, device: torch.device) -> None:
-    """SGD + per-iteration cosine from ``squeeze.lr`` to 0, resuming from the last finished epoch."""
+def _train(model: torch.nn.Module, recipe: Recipe, workdir: WorkDir, device: torch.device) -> int:
+    """SGD + per-iteration cosine from ``squeeze.lr`` to 0, resuming from the last finished epoch;
+    returns the size of the training split (for throughput)."""
     cfg = recipe.squeeze
-    dataset = load_real(recipe.data, "train", train_transform(recipe.data, kind=cfg.augment))
+    dataset = load_real(recipe.data, "train", train_transform(recipe.data, kind=cfg.augment), workdir.listings)
     sampler = DistributedSampler(dataset, distributed.world_size(), distributed.rank(), shuffle=True,
                                  seed=cfg.seed, drop_last=True)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers, drop_last=True,
@@ -97,6 +98,7 @@ def _train(model: torch.nn.Module, recipe: Recipe, workdir: WorkDir, device: tor
             _save_checkpoint(workdir.root / CHECKPOINT, recipe, model, optimizer, schedule, epoch + 1)
         distributed.barrier()
     model.eval()
+    return len(dataset)
 
 
 def _settings(recipe: Recipe) -> str:

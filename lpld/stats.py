@@ -314,7 +314,7 @@ def stats(recipe, workdir: WorkDir, device: torch.device | str) -> ClassBNStats:
         teacher = load_teacher(workdir.teacher, recipe)
         return ClassBNStats.load(workdir.stats, teacher, recipe.data.num_classes, model_fingerprint(teacher))
     teacher = load_teacher(workdir.teacher, recipe, device)
-    dataset = load_real(recipe.data, "train", train_transform(recipe.data, scale=cfg.crop_scale))
+    dataset = load_real(recipe.data, "train", train_transform(recipe.data, scale=cfg.crop_scale), workdir.listings)
     torch.manual_seed(cfg.seed + distributed.rank())
     checkpoint = workdir.root / f"stats-checkpoint.rank{distributed.rank()}.pt"
     done = batches_done(checkpoint)

@@ -258,7 +258,7 @@ def train(recipe: Recipe, workdir: WorkDir, labels_path: str | Path, name: str, 
     ``resume`` continues from the checkpoint (and returns the summary of a finished run);
     ``stop_after`` trains at most that many epochs in this call (time-boxed jobs; resume later).
     """
-    from . import data, evaluate, labels, models
+    from . import bank, evaluate, labels, models
 
     wall_start = time.perf_counter()
     rank, world = distributed.init()
@@ -272,7 +272,7 @@ def train(recipe: Recipe, workdir: WorkDir, labels_path: str | Path, name: str, 
     if not resume and (out / CHECKPOINT).exists():
         raise UserError(f"{out} already holds a student; pass --resume to continue it or choose another --name")
 
-    distilled = data.load_distilled(workdir.distilled, recipe.data.channels)
+    distilled = bank.open(workdir.distilled, recipe.data.channels)
     store = labels.LabelStore.open(labels_path, expect_images=len(distilled.images),
                                    expect_classes=recipe.data.num_classes, verify_checksums=distributed.is_main())
     distributed.barrier()  # others wait out rank 0's hashing here, not in DDP's first collective; its errors reach all
@@ -310,7 +310,7 @@ def train(recipe: Recipe, workdir: WorkDir, labels_path: str | Path, name: str, 
     loss_fn = make_loss_fn(network, config, device)
     batches = replay.make_loader(loader or config.loader, store, distilled.images, sampler, store.meta["size"],
                                  store.meta["mean"], store.meta["std"], device, config.workers)
-    val_set = evaluate.validation_set(recipe.data)
+    val_set = evaluate.validation_set(recipe.data, workdir.listings)
 
     def validate() -> dict:
         distributed.broadcast_buffers(model)  # every rank's shard scored with rank 0's model

@@ -47,13 +47,14 @@ from tqdm import tqdm
 from . import models
 from .atomic import write_atomically
 from .augment import Cutout, Record
-from .data import IMAGE_SUFFIXES, load_distilled
+from . import bank
+from .data import IMAGE_SUFFIXES
 from .errors import UserError
 from .fingerprint import file_sha256
 from .labels import GIB, META, LabelStoreWriter
 from .prune import kept_count, pruned_header, pruned_path
 from .recipes import Recipe, add_recipe_arguments, recipe_from_args
-from .recover import IMAGE_FORMATS, MANIFEST, class_folder, image_name
+from .imagefolder import IMAGE_FORMATS, MANIFEST, class_folder, image_name
 from .relabel import label_header
 from .stats import ClassBNStats, LayerStats
 from .workdir import WorkDir
@@ -275,7 +276,7 @@ def import_images(path: str | Path, recipe: Recipe, workdir: WorkDir) -> dict:
                 name = image_name(label, image_id, num_classes, ipc, IMAGE_FORMATS[image_format])
                 shutil.copyfile(root / source / file, folder / name)
                 bar.update()
-    distilled = load_distilled(out, recipe.data.channels)
+    distilled = bank.open(out, recipe.data.channels)
     mapping = upstream_to_ours(listing)
     manifest = {
         "format": "lpld-distilled/1", "num_classes": num_classes, "ipc": ipc, "image_format": image_format,
@@ -506,7 +507,7 @@ def _distilled_with_map(workdir: WorkDir, channels: int):
     if "upstream_to_ours" not in manifest:
         raise UserError(f"{workdir.distilled} was not imported from upstream's images: run `lpld import images` "
                         "first (upstream's labels index its own image listing)")
-    distilled = load_distilled(workdir.distilled, channels)
+    distilled = bank.open(workdir.distilled, channels)
     mapping = np.asarray(manifest["upstream_to_ours"], dtype=np.int64)
     if len(mapping) != len(distilled.images):
         raise UserError(f"{manifest_path} maps {len(mapping)} images but {workdir.distilled} holds {len(distilled.images)}")

@@ -30,6 +30,11 @@ class WorkDir:
         return self.root / "distilled"
 
     @property
+    def listings(self) -> Path:
+        """Cached listings of the real data's folders (``data.list_images``), one file per split."""
+        return self.root / "listings"
+
+    @property
     def labels(self) -> Path:
         return self.root / "labels"
 

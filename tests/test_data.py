@@ -1,6 +1,9 @@
 """Data adapters on generated IDX files and folder trees, plus the real Debian Fashion-MNIST files."""
 import gzip
+import hashlib
+import os
 import struct
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,7 +13,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.io import write_jpeg, write_png
 
-from lpld.data import eval_transform, load_distilled, load_real, read_idx, train_transform
+from lpld.data import eval_transform, load_real, read_idx, train_transform
 from lpld.errors import UserError
 from lpld.recipes import RECIPES, DataConfig
 
@@ -180,24 +183,6 @@ def test_tiny_imagenet_layout(tmp_path):
         load_real(data, "val")
 
 
-def test_distilled_folder_order_and_pixels(tmp_path):
-    for k, name in enumerate(["c00001", "c00000"]):
-        write_images(tmp_path / name, 3, size=(1, 6, 6), value=50 * k)
-    distilled = load_distilled(tmp_path, channels=1)
-    assert distilled.classes == ["c00000", "c00001"] and distilled.images.shape == (6, 1, 6, 6)
-    assert distilled.labels.tolist() == [0, 0, 0, 1, 1, 1]
-    assert distilled.files[:2] == ["c00000/img00.png", "c00000/img01.png"]
-    assert distilled.images[:, 0, 0, 0].tolist() == [50, 51, 52, 0, 1, 2]
-    write_images(tmp_path / "c00002", 1, size=(1, 7, 6))
-    with pytest.raises(UserError, match="size"):
-        load_distilled(tmp_path, channels=1)
-    (tmp_path / "c00003").mkdir()
-    with pytest.raises(UserError, match="empty"):
-        load_distilled(tmp_path, channels=1)
-    with pytest.raises(UserError, match="lpld recover"):
-        load_distilled(tmp_path / "missing", channels=1)
-
-
 def test_eval_views_follow_the_recipe():
     """ImageNet: shorter side 256 then a 224 center crop; ImageNet-21K-P: squash to 224 x 224 (no crop)."""
     from lpld.recipes import RECIPES
@@ -213,3 +198,54 @@ def test_eval_views_follow_the_recipe():
     squashed = eval_transform(RECIPES["imagenet21k"].data)(image)
     direct = TF.resize(image, [224, 224], antialias=True).float() / 255
     torch.testing.assert_close(squashed, direct)  # mean 0, std 1: [0, 1] pixels
+
+
+def settle(*folders: Path) -> None:
+    """Date folders 10 s back, as a data set at rest is (data.SETTLED_NS keeps fresh folders uncached)."""
+    past = time.time_ns() - 10**10
+    for folder in folders:
+        os.utime(folder, ns=(past, past))
+
+
+def test_listing_equals_a_sorted_walk(tmp_path):
+    data = image_folder(tmp_path, per_class=4)
+    (tmp_path / "train" / "ant" / "notes.txt").write_text("not an image")
+    write_images(tmp_path / "train" / "ant", 1, suffix=".JPEG")  # img00.JPEG next to img00.png
+    train = load_real(data, "train", cache=tmp_path / "listings")
+    expected, labels, fingerprint = [], [], hashlib.sha256()
+    classes = sorted(next(os.walk(tmp_path / "train"))[1])
+    for label, name in enumerate(classes):
+        folder, _, files = next(os.walk(tmp_path / "train" / name))
+        for file in sorted(f for f in files if f.lower().endswith((".png", ".jpeg", ".jpg", ".webp"))):
+            expected.append(os.path.join(folder, file))
+            labels.append(label)
+            fingerprint.update(f"{name}/{file}|{os.path.getsize(os.path.join(folder, file))}\n".encode())
+    assert train.classes == classes == ["ant", "bee", "cat"]
+    assert train.files == expected and train.targets.tolist() == labels
+    assert train.fingerprint == fingerprint.hexdigest()[:16]  # the value earlier versions recorded
+
+
+def test_listing_cache_is_read_back_until_a_folder_changes(tmp_path, monkeypatch):
+    data = image_folder(tmp_path)
+    cache = tmp_path / "run" / "listings"
+    settle(*(tmp_path / "train").iterdir())
+    first = load_real(data, "train", cache=cache)
+    assert len(list(cache.iterdir())) == 1
+    scans = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path: scans.append(Path(path)) or real_scandir(path))
+    again = load_real(data, "train", cache=cache)
+    assert scans == [tmp_path / "train"]  # the class list only: no class folder was scanned
+    assert (again.files, again.targets.tolist(), again.fingerprint) == (first.files, first.targets.tolist(),
+                                                                       first.fingerprint)
+
+    write_images(tmp_path / "train" / "bee", 4)  # img03.png is new, and bee's mtime is now
+    scans.clear()
+    changed = load_real(data, "train", cache=cache)
+    assert tmp_path / "train" / "bee" in scans
+    assert len(changed) == len(first) + 1 and str(tmp_path / "train" / "bee" / "img03.png") in changed.files
+    assert changed.fingerprint != first.fingerprint
+    settle(tmp_path / "train" / "bee")
+    assert load_real(data, "train", cache=cache).files == changed.files  # scanned again and cached
+    scans.clear()
+    assert load_real(data, "train", cache=cache).files == changed.files and scans == [tmp_path / "train"]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.transforms.v2 import functional as TF
 
-from lpld import data, models, recover
+from lpld import bank, imagefolder, models, recover
 from lpld.errors import UserError
 from lpld.recipes import get_recipe
 from lpld.stats import ClassBNStats, LayerStats
@@ -179,7 +179,7 @@ def test_batched_jobs_equal_one_class_at_a_time(dtype, tolerance):
 def test_recover_writes_an_imagefolder_and_resumes(workdir, monkeypatch):
     recipe = _recipe("recover.classes_per_step=3")
     root = recover.recover(recipe, workdir, "cpu", show_progress=False)
-    images = data.load_distilled(root, 1)
+    images = bank.open(root, 1)
     assert images.classes == ["c00000", "c00001", "c00002", "c00003"]
     assert images.files[:2] == ["c00000/c00000_i0000.jpg", "c00000/c00000_i0001.jpg"]
     assert images.images.shape == (12, 1, 16, 16) and images.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
@@ -224,8 +224,8 @@ def test_two_ranks_share_the_classes_and_equal_one_process(workdir, tmp_path):
         (single.root / name).write_bytes((workdir.root / name).read_bytes())
     recover.recover(_recipe("recover.image_format=png"), single, "cpu", show_progress=False)
     mp.spawn(_recover_as_rank, args=(tmp_path,), nprocs=2)
-    two = data.load_distilled(workdir.distilled, 1)
-    one = data.load_distilled(single.distilled, 1)
+    two = bank.open(workdir.distilled, 1)
+    one = bank.open(single.distilled, 1)
     assert two.files == one.files and len(two.files) == 12
     assert (two.images.int() - one.images.int()).abs().max() <= 1  # float sums batched differently, then truncated
     manifest = json.loads((workdir.distilled / "manifest.json").read_text())
@@ -296,9 +296,9 @@ def test_across_class_uses_the_global_statistics(workdir):
 
 
 def test_names_sort_in_class_order_beyond_1000_classes():
-    names = [recover.class_folder(c, 10450) for c in range(10450)]
+    names = [imagefolder.class_folder(c, 10450) for c in range(10450)]
     assert names == sorted(names) and names[-1] == "c10449"
-    assert recover.image_name(7, 12, 10450, 200, "png") == "c00007_i0012.png"
+    assert imagefolder.image_name(7, 12, 10450, 200, "png") == "c00007_i0012.png"
 
 
 def test_class_wise_batches_against_global_statistics_for_the_ablation(workdir):

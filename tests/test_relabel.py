@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lpld import augment, distributed, models, prune, relabel
+from lpld import augment, bank, distributed, models, prune, relabel
 from lpld.errors import UserError
 from lpld.labels import VERIFIED, LabelStore, LogitCodec
 from lpld.recipes import get_recipe
@@ -196,7 +196,7 @@ def test_relabel_command_on_a_run_directory(tmp_path, images, capsys):
     assert "relabel: 4 records (20 images)" in capsys.readouterr().out
     store = LabelStore.open(workdir.labels, expect_images=12, expect_classes=10)
     assert store.meta["teacher_fingerprint"] == models.model_fingerprint(teacher)
-    assert store.meta["dataset_fingerprint"] == data.load_distilled(workdir.distilled, 1).fingerprint
+    assert store.meta["dataset_fingerprint"] == bank.open(workdir.distilled, 1).fingerprint
     relabel.relabel(recipe, workdir, "cpu", only_kept=True)
     kept = LabelStore.open(prune.pruned_path(workdir, 0.5))
     assert kept.ids.tolist() == [0, 1] and kept.meta["prune"][0]["ratio"] == 0.5

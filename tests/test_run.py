@@ -1,6 +1,8 @@
 """lpld run: the whole chain on a tiny ImageFolder recipe, then a rerun that reuses every artifact."""
 import json
 
+import pytest
+
 from lpld import run as pipeline
 from lpld.cli import main
 from lpld.workdir import WorkDir
@@ -31,6 +33,8 @@ def test_run_chains_every_stage_then_reuses_them(tmp_path, capsys):
 
     stages = [row["stage"] for row in summary["stages"]]
     assert stages == ["squeeze", "stats", "recover", "relabel", "prune", "train r0", "train r0.75", "eval teacher"]
+    passes = {row["stage"]: row["images_per_sec"] * row["seconds"] for row in summary["stages"][:2]}
+    assert passes == {"squeeze": pytest.approx(4 * CLASSES), "stats": pytest.approx(4 * CLASSES)}  # 1 epoch, 1 pass
     assert not any(row["reused"] for row in summary["stages"])
     full, pruned = summary["students"]
     assert (full["ratio"], pruned["ratio"]) == (0.0, 0.75)

@@ -13,9 +13,8 @@ from torch import nn
 from torchvision.io import write_png
 
 import lpld_kernels
-from lpld import models, relabel, replay
+from lpld import bank, models, relabel, replay
 from lpld import train as training
-from lpld.data import load_distilled
 from lpld.errors import UserError
 from lpld.labels import LabelStore
 from lpld.models import build_model
@@ -52,7 +51,7 @@ def tiny_run(tmp_path, *extra):
     workdir = WorkDir(tmp_path / "run")
     write_folder(workdir.distilled, IPC, seed=3)
     recipe = get_recipe("fmnist", tiny_overrides(tmp_path, *extra))
-    distilled = load_distilled(workdir.distilled, 3)
+    distilled = bank.open(workdir.distilled, 3)
     torch.manual_seed(0)
     teacher = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIDE * SIDE, CLASSES))
     header = relabel.label_header(recipe, distilled.images, distilled.fingerprint, "teacher")
@@ -201,7 +200,7 @@ def _torchrun_train(tmp_path, workdir, name, extra, *flags):
 def _one_process_reference(recipe, workdir, records_per_step, lr_factor=1):
     """One process stepping once per ``records_per_step`` consecutive records of epoch 0's plan."""
     store = LabelStore.open(workdir.labels)
-    dataset = replay.RecordDataset(store, load_distilled(workdir.distilled, 3).images, SIDE, store.meta["mean"],
+    dataset = replay.RecordDataset(store, bank.open(workdir.distilled, 3).images, SIDE, store.meta["mean"],
                                    store.meta["std"])
     torch.manual_seed(recipe.train.seed)
     model = build_model("resnet10", CLASSES, 3, "3x3s2")

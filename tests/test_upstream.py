@@ -16,8 +16,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from lpld import augment, models, recover, train, upstream
-from lpld.data import load_distilled
+from lpld import augment, bank, models, recover, train, upstream
 from lpld.errors import UserError
 from lpld.labels import LabelStore
 from lpld.recipes import get_recipe
@@ -193,7 +192,7 @@ def test_import_images_copies_upstream_folders(tmp_path):
 
     upstream.import_images(tmp_path / "syn", recipe, workdir)
 
-    distilled = load_distilled(workdir.distilled, 3)
+    distilled = bank.open(workdir.distilled, 3)
     assert distilled.labels.tolist() == [c for c in range(4) for _ in range(3)]
     for index, relative in enumerate(distilled.files):
         c, k = index // 3, index % 3
@@ -280,7 +279,7 @@ def test_soft_labels_record_by_record(tmp_path, imported_images, dtype, mix):
 
     out = upstream.import_labels(tmp_path / "fkd", recipe, workdir)
 
-    distilled = load_distilled(workdir.distilled, 3)
+    distilled = bank.open(workdir.distilled, 3)
     store = LabelStore.open(out, expect_images=len(distilled.images), expect_classes=CLASSES)
     assert len(store) == EPOCHS * 2 and store.meta["imported_from"]["partial_batches_dropped"] == EPOCHS
     assert store.meta["imported_from"]["order"]["source"] == ("sampler_indices_epoch.json" if mix else "regenerated")
@@ -428,7 +427,7 @@ def test_recover_and_train_run_on_imported_artifacts(tmp_path, imported_images, 
     for file in (workdir.teacher, workdir.stats):
         (fresh.root / file.name).write_bytes(file.read_bytes())
     recover.recover(recipe, fresh, "cpu", show_progress=False)
-    assert len(load_distilled(fresh.distilled, 3).images) == CLASSES * 2
+    assert len(bank.open(fresh.distilled, 3).images) == CLASSES * 2
 
 
 def test_labels_past_1000_classes_follow_upstreams_string_sorted_listing(tmp_path):
@@ -456,5 +455,5 @@ def test_labels_past_1000_classes_follow_upstreams_string_sorted_listing(tmp_pat
     assert upstream_listing[101] == 1000  # new1000 sorts right after new100
     for g, indices in enumerate(batches[:2]):
         assert store.record(g).img_idx.tolist() == [upstream_listing[u] for u in indices]
-    distilled = load_distilled(workdir.distilled, 3)
+    distilled = bank.open(workdir.distilled, 3)
     assert distilled.images[1000, :2, 0, 0].tolist() == [1000 % 256, 1000 // 256]
