@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 import torchvision
 
+from . import identity
 from .atomic import write_atomically
 from .errors import UserError
 from .recipes import Recipe
@@ -57,9 +58,9 @@ class Progress:
     """Which jobs are finished: manifest.json plus one append-only JSONL per rank for the jobs
     finished since, so that ranks never write the same file and a crash loses only jobs in flight."""
 
-    def __init__(self, root: Path, recipe: Recipe, identity: dict):
-        self.root, self.recipe = root, recipe
-        self.identity = json.loads(json.dumps(identity))  # as read back: tuples become lists
+    def __init__(self, root: Path, recipe: Recipe, made_by: dict):
+        """``made_by``: the images' identity (``lpld.identity.of``), kept in the manifest."""
+        self.root, self.recipe, self.made_by = root, recipe, made_by
         self.manifest_path = root / MANIFEST
 
     def read_manifest(self) -> dict | None:
@@ -69,11 +70,8 @@ class Progress:
             manifest = json.loads(self.manifest_path.read_text())
         except json.JSONDecodeError as error:
             raise UserError(f"{self.manifest_path} is corrupt ({error}); delete {self.root} to start over") from None
-        if manifest.get("identity") != self.identity:
-            raise UserError(
-                f"{self.root} holds images made with other settings, teacher or statistics (see {MANIFEST}); "
-                "delete it, or use another --workdir, to recover with these"
-            )
+        identity.check(manifest.get("identity"), self.made_by, self.root,
+                       "delete it, or use another --workdir, to recover with these")
         return manifest
 
     def completed(self, jobs: list[Job]) -> dict[str, dict]:
@@ -102,7 +100,7 @@ class Progress:
     def write_manifest(self, fields: dict, jobs: list[Job]) -> dict:
         """Fold the per-rank records into manifest.json (atomically) and drop them."""
         completed = self.completed(jobs)
-        manifest = {**fields, "identity": self.identity, "completed": dict(sorted(completed.items())),
+        manifest = {**fields, "identity": self.made_by, "completed": dict(sorted(completed.items())),
                     "complete": len(completed) == len(jobs)}
         write_atomically(self.manifest_path, lambda partial: partial.write_text(json.dumps(manifest, indent=1)))
         for path in self.root.glob("progress-rank*.jsonl"):

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import identity
 from .augment import Cutout, Record
 from .atomic import write_atomically
 from .errors import UserError
@@ -295,11 +296,7 @@ class LabelStoreWriter:
         self._save_progress()
 
     def _check_same(self, other: dict) -> None:
-        mine = json.loads(json.dumps(self.header))  # tuples become lists, as in the file
-        changed = sorted(key for key in mine if mine[key] != other.get(key))
-        if changed:
-            raise UserError(f"{self.path} holds labels made with other settings ({', '.join(changed)}); "
-                            "delete it or choose another output directory")
+        identity.check(other, identity.of(**self.header), self.path, "delete it or choose another output directory")
         if not np.array_equal(np.load(self.path / "ids.npy", allow_pickle=False), self.ids):
             raise UserError(f"{self.path} holds other record ids; delete it or choose another output directory")
 

@@ -29,6 +29,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import seeds
 from .errors import UserError
 from .labels import LabelStore, LabelStoreWriter, LogitCodec, add_codec_arguments, codec_from_args, storage_report
 from .workdir import WorkDir
@@ -104,7 +105,7 @@ def select_pool(ids, batches_per_epoch: int, ratio: float, kind: str = "random",
     if kind in ("random", "order"):
         return ids[: kept_count(len(ids), ratio)]
     if kind == "subset":
-        rng = np.random.default_rng(np.random.SeedSequence([seed, len(ids)]))
+        rng = seeds.numpy_generator(seed, len(ids))
         return np.sort(rng.choice(ids, kept_count(len(ids), ratio), replace=False))
     if kind == "epoch":
         epochs, counts = np.unique(ids // batches_per_epoch, return_counts=True)
@@ -134,7 +135,7 @@ def plan(epoch: int, seed: int, pool, batches_per_epoch: int, kind: str = "rando
     pool = np.asarray(pool, dtype=np.int64)
     if kind == "order":
         return pool[(epoch * batches_per_epoch + np.arange(batches_per_epoch)) % len(pool)].tolist()
-    rng = np.random.default_rng(np.random.SeedSequence([seed, epoch]))
+    rng = seeds.numpy_generator(seed, epoch)
     if kind == "epoch":
         epochs = np.unique(pool // batches_per_epoch)
         chosen = epochs[rng.integers(len(epochs))]

@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -29,7 +28,7 @@ from tqdm import tqdm
 
 import lpld_kernels
 
-from . import bank, distributed, models
+from . import bank, distributed, identity, models, seeds
 from .augment import crop_resize_flip, sample_crop_boxes, sample_flips
 from .errors import UserError
 from .fingerprint import file_sha256
@@ -60,12 +59,6 @@ class Job:
         return len(self.classes)
 
 
-def job_seed(seed: int, *ids: int) -> int:
-    """An independent 63-bit stream per job, a pure function of the recipe seed and the job ids."""
-    state = np.random.SeedSequence([seed, *ids]).generate_state(2, dtype=np.uint32)
-    return int(state[0]) << 31 ^ int(state[1])
-
-
 def plan_jobs(recipe: Recipe) -> list[Job]:
     """Class-wise: one job per class (its IPC images). Across-class: job (k, chunk) holds image k of
     up to ``ACROSS_CLASS_BATCH`` consecutive classes, as SRe2L's batches do."""
@@ -73,13 +66,13 @@ def plan_jobs(recipe: Recipe) -> list[Job]:
     if cfg.batching == "class-wise":
         global_stats = cfg.stats == "global"  # Table 4's "+C" ablation: class-wise batches, global statistics
         return [Job(class_folder(c, num_classes), (c,) * cfg.ipc, tuple(range(cfg.ipc)), 0 if global_stats else c,
-                    job_seed(cfg.seed, 0, c)) for c in range(num_classes)]
+                    seeds.derive(cfg.seed, 0, c)) for c in range(num_classes)]
     jobs = []
     for k in range(cfg.ipc):
         for start in range(0, num_classes, ACROSS_CLASS_BATCH):
             classes = tuple(range(start, min(start + ACROSS_CLASS_BATCH, num_classes)))
             key = f"i{k:04d}-{class_folder(start, num_classes)}"
-            jobs.append(Job(key, classes, (k,) * len(classes), 0, job_seed(cfg.seed, 1, k, start)))
+            jobs.append(Job(key, classes, (k,) * len(classes), 0, seeds.derive(cfg.seed, 1, k, start)))
     return jobs
 
 
@@ -278,12 +271,9 @@ def recover(recipe: Recipe, workdir: WorkDir, device=None, options: Options = Op
     teacher_fingerprint = models.model_fingerprint(teacher)
     targets, stats_fingerprint = load_targets(recipe, workdir, teacher, teacher_fingerprint, device)
     cfg, root = recipe.recover, workdir.distilled
-    identity = {
-        "recover": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "classes_per_step"},
-        "data": recipe.settings("data")["data"],
-        "teacher_fingerprint": teacher_fingerprint,
-        "statistics_fingerprint": stats_fingerprint,
-    }
+    made_by = identity.of(recover={k: v for k, v in dataclasses.asdict(cfg).items() if k != "classes_per_step"},
+                          data=recipe.settings("data")["data"], teacher_fingerprint=teacher_fingerprint,
+                          statistics_fingerprint=stats_fingerprint)
     fields = {
         "format": "lpld-distilled/1", "recipe": recipe.to_dict(), "batching": cfg.batching,
         "num_classes": recipe.data.num_classes, "ipc": cfg.ipc, "image_format": cfg.image_format,
@@ -292,7 +282,7 @@ def recover(recipe: Recipe, workdir: WorkDir, device=None, options: Options = Op
         "options": dataclasses.asdict(options), "world_size": world,
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
     }
-    progress = Progress(root, recipe, identity)
+    progress = Progress(root, recipe, made_by)
     jobs = plan_jobs(recipe)
     progress.read_manifest()  # every rank refuses a foreign tree before anyone writes
     distributed.barrier()

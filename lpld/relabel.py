@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import distributed
+from . import distributed, seeds
 from .augment import Record, replay, sample_crop_boxes, sample_cutmix, sample_cutout, sample_flips
 from .errors import UserError
 from .labels import (GIB, PARTIAL_BATCH_RULE, LabelStore, LabelStoreWriter, LogitCodec, add_codec_arguments,
@@ -39,15 +39,9 @@ from .workdir import WorkDir
 IMAGES_PER_FORWARD = 256  # IN-21K's records of 32 images -> 8 records per teacher forward
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """A torch generator whose stream depends on (seed, epoch) only (numpy's SeedSequence mixing)."""
-    state = np.random.SeedSequence([seed, epoch]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
-
-
 def epoch_records(header: dict, epoch: int) -> list[Record]:
     """The nb augmentation records of ``epoch`` (no logits yet), regenerated from the header's seed."""
-    generator = epoch_generator(header["seeds"]["relabel"], epoch)
+    generator = seeds.torch_generator(header["seeds"]["relabel"], epoch)
     batch, (height, width), size = header["batch_size"], header["image_size"], header["size"]
     order = torch.randperm(header["num_images"], generator=generator).numpy().astype(np.int32)
     records = []

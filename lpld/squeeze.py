@@ -7,7 +7,6 @@ every epoch lets an interrupted run continue. The result is ``WorkDir.teacher`` 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from . import distributed
+from . import distributed, identity
 from .data import load_real, train_transform
 from .atomic import write_atomically
 from .errors import UserError
@@ -101,13 +100,13 @@ def _train(model: torch.nn.Module, recipe: Recipe, workdir: WorkDir, device: tor
     return len(dataset)
 
 
-def _settings(recipe: Recipe) -> str:
+def _teacher_identity(recipe: Recipe) -> dict:
     """What a teacher checkpoint must share with the run resuming it."""
-    return json.dumps(recipe.settings("data", "model", "squeeze"), sort_keys=True)
+    return identity.of(**recipe.settings("data", "model", "squeeze"))
 
 
 def _save_checkpoint(path: Path, recipe: Recipe, model, optimizer, schedule, epochs_done: int) -> None:
-    state = {"recipe": _settings(recipe), "epoch": epochs_done, "model": model.state_dict(),
+    state = {"identity": _teacher_identity(recipe), "epoch": epochs_done, "model": model.state_dict(),
              "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}
     write_atomically(path, lambda partial: torch.save(state, partial))
 
@@ -117,8 +116,7 @@ def _resume(path: Path, recipe: Recipe, model, optimizer, schedule) -> int:
     if not path.is_file():
         return 0
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("recipe") != _settings(recipe):
-        raise UserError(f"{path} was written with other recipe settings; delete it to start the teacher afresh")
+    identity.check(state.get("identity"), _teacher_identity(recipe), path, "delete it to start the teacher afresh")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])

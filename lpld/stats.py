@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from . import distributed
+from . import distributed, identity
 from .data import load_real, train_transform
 from .atomic import write_atomically
 from .errors import UserError
@@ -112,9 +112,8 @@ class ClassBNStats:
             if expected != found:
                 differ = sorted(set(expected.items()) ^ set(found.items()))[:4]
                 raise UserError(f"{path} does not match the teacher's BN layers (e.g. {differ}); {fix}")
-        if teacher_fingerprint is not None and self.meta.get("teacher_fingerprint") != teacher_fingerprint:
-            raise UserError(f"{path} was collected with teacher {self.meta.get('teacher_fingerprint')}, "
-                            f"not {teacher_fingerprint}; {fix}")
+        if teacher_fingerprint is not None:
+            identity.check(self.meta, {"teacher_fingerprint": teacher_fingerprint}, path, fix)
 
 
 class _MomentRecorder:
@@ -141,10 +140,10 @@ class _MomentRecorder:
 class _ClassMoments:
     """Per-class running state of one pass, in float64: EMA values or pooled sums."""
 
-    def __init__(self, layers, num_classes: int, mode: str, momentum: float, device):
+    def __init__(self, layers, num_classes: int, mode: str, momentum: float, device, made_by: dict):
         self.mode, self.momentum = mode, momentum
+        self.made_by = made_by  # the pass's identity: a checkpoint of another pass is refused
         self.batches = 0  # folded so far by this rank
-        self.tag = ""  # the pass's settings; a checkpoint of other settings is refused
         self.count = torch.zeros(num_classes, dtype=torch.int64, device=device)
         self.first = {}  # EMA: running mean; exact: sum of per-sample means
         self.second = {}  # EMA: running var; exact: sum of per-sample E[x^2]
@@ -187,14 +186,13 @@ class _ClassMoments:
 
     def save(self, path: Path) -> None:
         """Write the running state (torch tensors only, read back with weights_only=True)."""
-        state = {"tag": self.tag, "mode": self.mode, "batches": self.batches, "count": self.count,
+        state = {"identity": self.made_by, "mode": self.mode, "batches": self.batches, "count": self.count,
                  "first": self.first, "second": self.second}
         write_atomically(path, lambda partial: torch.save(state, partial))
 
     def restore(self, path: Path) -> None:
         state = torch.load(path, map_location=self.count.device, weights_only=True)
-        if state["tag"] != self.tag or state["mode"] != self.mode or state["first"].keys() != self.first.keys():
-            raise UserError(f"{path} belongs to another statistics pass; delete it to start afresh")
+        identity.check(state.get("identity"), self.made_by, path, "delete it to start the statistics pass afresh")
         self.batches, self.count = state["batches"], state["count"]
         self.first, self.second = state["first"], state["second"]
 
@@ -263,10 +261,10 @@ def collect_class_bn_stats(model: nn.Module, loader, num_classes: int, mode: str
     was_training = model.training
     model.eval()
     recorder = _MomentRecorder(model)
-    state = _ClassMoments(recorder.layers, num_classes, mode, momentum, device)
     info = {"num_classes": num_classes, "mode": mode, "momentum": momentum, "world_size": distributed.world_size(),
             "teacher_fingerprint": model_fingerprint(model), **(meta or {})}
-    state.tag = json.dumps(info, sort_keys=True)
+    state = _ClassMoments(recorder.layers, num_classes, mode, momentum, device,
+                          identity.of(**info, layers=[name for name, _ in recorder.layers]))
     if checkpoint is not None and checkpoint.is_file():
         state.restore(checkpoint)
     seen, started = 0, time.time()

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import lpld_kernels
 
-from . import distributed, replay
+from . import distributed, identity, replay
 from .atomic import write_atomically
 from .errors import UserError
 from .recipes import Recipe, TrainConfig, add_recipe_arguments, recipe_from_args
@@ -207,7 +207,7 @@ def _check_store_fits(store, distilled, recipe: Recipe) -> None:
                         f"{list(recipe.data.std)}; use the recipe the labels were made with")
 
 
-def _identity(recipe: Recipe, store, world: int) -> dict:
+def _student_identity(recipe: Recipe, store, world: int) -> dict:
     """What a checkpoint must share with the run resuming it: the student's recipe, labels and world size.
 
     Other stages' settings reach the student only through the labels, whose fingerprint is here.
@@ -215,13 +215,13 @@ def _identity(recipe: Recipe, store, world: int) -> dict:
     data = recipe.settings("data")["data"]
     results_settings = {key: value for key, value in dataclasses.asdict(recipe.train).items()
                         if key not in ("workers", "loader", "compile", "val_interval")}
-    return {"train": json.dumps(results_settings, sort_keys=True),
-            "student": json.dumps({"data": data, "stem": recipe.model.stem, "arch": recipe.train.arch or recipe.model.arch},
-                                  sort_keys=True),
-            "labels": store.fingerprint, "world_size": world}
+    return identity.of(train=json.dumps(results_settings, sort_keys=True),
+                       student=json.dumps({"data": data, "stem": recipe.model.stem,
+                                           "arch": recipe.train.arch or recipe.model.arch}, sort_keys=True),
+                       labels=store.fingerprint, world_size=world)
 
 
-def _restore(path: Path, model, optimizer, scheduler, sampler, identity: dict) -> int:
+def _restore(path: Path, model, optimizer, scheduler, sampler, made_by: dict) -> int:
     """Load a checkpoint written by this recipe on these labels; returns the next epoch to run."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -230,10 +230,7 @@ def _restore(path: Path, model, optimizer, scheduler, sampler, identity: dict) -
                         "delete that student folder or train under another --name") from None
     if not isinstance(state, dict) or "identity" not in state:
         raise UserError(f"{path} is not an lpld student checkpoint; delete it or train under another --name")
-    if state["identity"] != identity:
-        changed = sorted(k for k in identity if state["identity"].get(k) != identity[k])
-        raise UserError(f"{path} belongs to a run with other {', '.join(changed)}; "
-                        "train under another --name, or delete that student folder")
+    identity.check(state["identity"], made_by, path, "train under another --name, or delete that student folder")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -294,10 +291,10 @@ def train(recipe: Recipe, workdir: WorkDir, labels_path: str | Path, name: str, 
     plan = training_plan(store, config.seed, config.full_plan)
     sampler = replay.PlanSampler(plan, rank=rank, world_size=world) if split_records else replay.PlanSampler(plan)
     rows = rank_rows(record_size, rank, world) if world > 1 and not split_records else None
-    identity = _identity(recipe, store, world)
+    made_by = _student_identity(recipe, store, world)
     first_epoch = 0
     if resume and (out / CHECKPOINT).exists():
-        first_epoch = _restore(out / CHECKPOINT, model, optimizer, scheduler, sampler, identity)
+        first_epoch = _restore(out / CHECKPOINT, model, optimizer, scheduler, sampler, made_by)
     out.mkdir(parents=True, exist_ok=True)
     if distributed.is_main():
         _trim_metrics(out / METRICS, first_epoch)
@@ -340,7 +337,7 @@ def train(recipe: Recipe, workdir: WorkDir, labels_path: str | Path, name: str, 
         if distributed.is_main():
             checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(), "epoch": epoch + 1,
-                          "identity": identity, "rng_cpu": torch.get_rng_state(),
+                          "identity": made_by, "rng_cpu": torch.get_rng_state(),
                           **({"rng_cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})}
             write_atomically(out / CHECKPOINT, lambda partial: torch.save(checkpoint, partial))
             with open(out / METRICS, "a") as log:

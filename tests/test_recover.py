@@ -203,7 +203,7 @@ def test_recover_writes_an_imagefolder_and_resumes(workdir, monkeypatch):
     assert not list(root.glob("progress-rank*.jsonl"))
 
     # Other settings on the same tree are refused rather than mixed in.
-    with pytest.raises(UserError, match="other settings"):
+    with pytest.raises(UserError, match="made with other recover"):
         recover.recover(_recipe("recover.lr=0.3"), workdir, "cpu", show_progress=False)
 
 
@@ -238,7 +238,7 @@ def test_two_ranks_share_the_classes_and_equal_one_process(workdir, tmp_path):
 def test_refuses_statistics_of_another_teacher(workdir):
     recipe = _recipe()
     _class_stats(_teacher(recipe, seed=7)).save(workdir.stats)
-    with pytest.raises(UserError, match="collected with teacher"):
+    with pytest.raises(UserError, match="other teacher_fingerprint"):
         recover.recover(recipe, workdir, "cpu", show_progress=False)
 
 

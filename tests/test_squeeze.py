@@ -41,7 +41,7 @@ def test_training_learns_and_resumes_after_an_interruption(recipe, tmp_path, mon
     assert (workdir.root / CHECKPOINT).is_file() and not workdir.teacher.exists()
     monkeypatch.setattr(squeeze_module, "_save_checkpoint", save)
 
-    with pytest.raises(UserError, match="other recipe settings"):
+    with pytest.raises(UserError, match="other squeeze"):
         squeeze(recipe.with_overrides(["squeeze.lr=0.2"]), workdir, "cpu")
     meta = squeeze(recipe, workdir, "cpu")
     assert "resuming after epoch 1" in capsys.readouterr().out

@@ -99,7 +99,7 @@ def test_a_pass_continued_from_its_checkpoint_equals_one_pass(tmp_path, mode):
     assert continued.meta == whole.meta and continued.meta["images"] == 18
     for name, layer in whole.layers.items():
         assert torch.equal(continued.layers[name].mean, layer.mean) and torch.equal(continued.layers[name].var, layer.var)
-    with pytest.raises(UserError, match="another statistics pass"):
+    with pytest.raises(UserError, match="other momentum"):
         collect_class_bn_stats(model, loader, NUM_CLASSES, mode=mode, momentum=0.2, checkpoint=checkpoint)
 
 
@@ -142,7 +142,7 @@ def test_padding_rows_of_a_gathered_step_change_nothing(mode):
     labels = torch.tensor([2, 1, 2, 3])
     moments = {name: (torch.randn(6, bn.num_features, generator=generator), torch.rand(6, bn.num_features, generator=generator))
                for name, bn in layers}
-    plain, padded = (_ClassMoments(layers, NUM_CLASSES, mode, 0.1, "cpu") for _ in range(2))
+    plain, padded = (_ClassMoments(layers, NUM_CLASSES, mode, 0.1, "cpu", {}) for _ in range(2))
     plain.fold(labels, {name: (mean[:4], var[:4]) for name, (mean, var) in moments.items()})
     padded.fold(torch.cat([labels, torch.zeros(2, dtype=torch.int64)]), moments, torch.tensor([1.0, 1, 1, 1, 0, 0]))
     assert plain.count.tolist() == padded.count.tolist() == [0, 1, 2, 1]
