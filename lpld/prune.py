@@ -160,8 +160,12 @@ def prune_store(source: LabelStore, out: str | Path, ratio: float, kind: str = "
                 codec: LogitCodec | None = None) -> Path:
     """Write a store holding only the kept records of ``source`` (so the bytes on disk shrink),
     its logits re-encoded by ``codec`` when one is given (pruning and the codecs compose)."""
+    stored = LogitCodec.of(source.meta)
+    if codec is not None and stored.topk and not 0 < codec.topk <= stored.topk:
+        raise UserError(f"{source.path} keeps the top {stored.topk} logits of each sample; a pruned copy can keep "
+                        f"at most those (--topk 1 to {stored.topk}), not {codec.topk or 'all'}")
     kept = select_pool(source.ids, source.batches_per_epoch, ratio, kind, seed, store=source)
-    if codec == LogitCodec.of(source.meta):
+    if codec == stored:
         codec = None
     writer = LabelStoreWriter(out, pruned_header(source.meta, ratio, kind, seed, codec), kept)
     if writer.done:
@@ -170,7 +174,7 @@ def prune_store(source: LabelStore, out: str | Path, ratio: float, kind: str = "
     for start in range(0, len(rows), ROWS_PER_COPY):
         chunk = rows[start : start + ROWS_PER_COPY]
         part = slice(start, start + len(chunk))
-        copied = [name for name in source.specs if codec is None or name not in LogitCodec.of(source.meta).array_names]
+        copied = [name for name in source.specs if codec is None or name not in stored.array_names]
         for name in copied:
             writer.arrays[name][part] = source.array(name)[chunk]
         if codec is not None:

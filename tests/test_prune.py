@@ -7,7 +7,7 @@ import torch
 
 from lpld import prune
 from lpld.errors import UserError
-from lpld.labels import LabelStore
+from lpld.labels import LabelStore, LogitCodec
 
 
 @pytest.mark.parametrize("ratio,factor", [(0.0, 1), (0.9, 10), (0.95, 20), (0.975, 40), (0.99, 100)])
@@ -131,3 +131,18 @@ def test_pruning_re_encodes_and_keeps_the_source_codec_by_default(full_store, tm
     again = LabelStore.open(tmp_path / "again")
     assert (again.meta["topk"], again.meta["quant"]) == (2, "fp8")
     np.testing.assert_array_equal(again.array("topk_values"), top2.array("topk_values")[: len(again)])
+
+
+def test_a_top_k_store_is_never_widened(full_store, tmp_path):
+    """Classes a top-k store dropped read back as -inf: re-encoding them (int8 over -inf is NaN)
+    is refused, and narrowing keeps finite, ordered values."""
+    top2 = LabelStore.open(prune.prune_store(full_store, tmp_path / "top2", 0.5, codec=LogitCodec(2, "fp16")))
+    for wider in (LogitCodec(0, "int8"), LogitCodec(3, "int8"), LogitCodec(0, "fp16")):
+        with pytest.raises(UserError, match="keeps the top 2 logits"):
+            prune.prune_store(top2, tmp_path / f"wide-{wider.name}", 0.5, codec=wider)
+    top1 = LabelStore.open(prune.prune_store(top2, tmp_path / "top1", 0.5, codec=LogitCodec(1, "int8")))
+    for g in top1.ids:
+        got, source = top1.record(g).logits.astype(np.float64), top2.record(g).logits.astype(np.float64)
+        assert np.isfinite(got).sum(-1).tolist() == [1] * len(got)
+        np.testing.assert_array_equal(got.argmax(-1), source.argmax(-1))
+        np.testing.assert_allclose(got.max(-1), source.max(-1), rtol=1e-3)
