@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -138,9 +139,9 @@ class _StoreFeed:
         rows, records, logits, landed = self.in_flight.popleft()
         if landed is not None:
             landed.synchronize()
-        for i, (row, record) in enumerate(zip(rows, records)):
-            record.logits = logits[i * self.batch_size:(i + 1) * self.batch_size].numpy()
-            self.writer.write(row, record)
+        for i, (row, record) in enumerate(zip(rows, records)):  # a copy: cached records must not pin the logits
+            mine = logits[i * self.batch_size:(i + 1) * self.batch_size].numpy()
+            self.writer.write(row, dataclasses.replace(record, logits=mine))
         self.written += len(rows)
         self._commit()
 
@@ -263,5 +264,7 @@ def register(subparsers) -> None:
     add_codec_arguments(parser)
     parser.add_argument("--images-per-forward", type=int, default=IMAGES_PER_FORWARD,
                         help=f"stack records into teacher forwards of about this many images (default {IMAGES_PER_FORWARD}: "
-                             "8 records of IN-21K's 32); speed only, the labels are the same")
+                             "8 records of IN-21K's 32); speed only: the labels are those of one record per "
+                             "forward, to float rounding (bit for bit on the CPU; a GPU may pick another "
+                             "convolution algorithm for another batch size)")
     parser.set_defaults(func=_command)

@@ -106,6 +106,19 @@ def test_records_stacked_in_one_forward_write_the_one_record_per_forward_store(t
         _same_store(tmp_path / "r1", tmp_path / f"r{stacked}")
 
 
+def test_the_cached_records_keep_no_logits(tmp_path, images, monkeypatch):
+    """Relabel caches each epoch's records; the logits written with them must not stay attached,
+    or every forward's (pinned, on CUDA) logits buffer lives as long as its epoch's cache entry."""
+    drawn = []
+    original = relabel.epoch_records
+    monkeypatch.setattr(relabel, "epoch_records", lambda header, epoch: drawn.extend(r := original(header, epoch)) or r)
+    header = relabel.label_header(_recipe(), images, "data-fp", "teacher-fp")
+    relabel.generate(_teacher(), images, tmp_path / "s", header, records_per_forward=2)
+    store = LabelStore.open(tmp_path / "s")
+    assert len(drawn) == 12 and all(record.logits is None for record in drawn)
+    assert all(np.isfinite(store.record(g).logits).all() for g in store.ids)
+
+
 def test_records_per_forward_follow_the_image_target():
     assert relabel.choose_records_per_forward(relabel.IMAGES_PER_FORWARD, 32) == 8  # IN-21K
     assert relabel.choose_records_per_forward(256, 128) == 2 and relabel.choose_records_per_forward(10, 128) == 1
