@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -41,7 +40,7 @@ from torchvision.io import read_file
 from tqdm import tqdm
 
 from . import distributed
-from .atomic import write_atomically
+from .atomic import exclusive, write_atomically
 from .data import DistilledImages, decode_file, distilled_listing
 from .errors import UserError
 from .fingerprint import file_sha256
@@ -96,11 +95,10 @@ def _exclusive(folder: Path):
     if not folder.is_dir():
         raise UserError(f"image folder {folder} does not exist: run `lpld recover` first, or check the path")
     try:
-        handle = (folder / LOCK).open("a")
+        (folder / LOCK).touch()
     except OSError as error:
         raise _unwritable(folder, error) from None
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with exclusive(folder / LOCK):
         yield
 
 
@@ -149,7 +147,7 @@ def _build(folder: Path, channels: int, workers: int | None, show_progress: bool
         try:
             with ThreadPoolExecutor(workers) as pool, tqdm(total=count, unit="img", desc="bank",
                                                            disable=not show_progress) as bar:
-                for done in pool.map(decode_chunk, range(0, count, CHUNK)):
+                for done in pool.map(decode_chunk, range(0, count, CHUNK)):  # an error cancels the chunks not started
                     bar.update(done)
             pixels.flush()
         except BaseException:  # a bad image or an interrupt: leave no array-sized partial file behind
@@ -214,17 +212,20 @@ def _current_index(folder: Path, channels: int, workers: int | None) -> tuple[di
     return index, None
 
 
-def refresh(folder: str | Path, channels: int, workers: int | None = None, show_progress: bool = True) -> dict:
-    """The bank's index once the bank holds the folder's current images: built when missing,
-    rebuilt (saying why) when the files changed. Of torchrun's ranks, rank 0 calls it."""
+def refresh(folder: str | Path, channels: int, workers: int | None = None,
+            show_progress: bool = True) -> tuple[dict, np.ndarray]:
+    """The bank's index and its memory map once the bank holds the folder's current images: built
+    when missing, rebuilt (saying why) when the files changed. The map is taken under the lock, so
+    a rebuild by another process cannot slip new pixels under this index. Of torchrun's ranks,
+    rank 0 calls it."""
     folder = Path(folder)
     with _exclusive(folder):
         index, stale = _current_index(folder, channels, workers)
-        if stale is None:
-            return index
-        if show_progress:
-            print(f"bank: {stale}; decoding the images into {folder / BANK}")
-        return _build(folder, channels, workers, show_progress)
+        if stale is not None:
+            if show_progress:
+                print(f"bank: {stale}; decoding the images into {folder / BANK}")
+            index = _build(folder, channels, workers, show_progress)
+        return index, np.load(folder / BANK, mmap_mode="r")
 
 
 def open(folder: str | Path, channels: int, workers: int | None = None) -> DistilledImages:
@@ -237,14 +238,14 @@ def open(folder: str | Path, channels: int, workers: int | None = None) -> Disti
     """
     folder = Path(folder)
     if distributed.is_main():
-        index = refresh(folder, channels, workers)
+        index, pixels = refresh(folder, channels, workers)
     distributed.barrier()
     if not distributed.is_main():
         index, stale = _read_index(folder, channels)
         if stale is not None:
             raise UserError(f"rank {distributed.rank()}: {stale}, although rank 0 has just made it current: every "
                             "rank must see rank 0's work directory (one shared file system)")
-    pixels = np.load(folder / BANK, mmap_mode="r")
+        pixels = np.load(folder / BANK, mmap_mode="r")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         images = torch.from_numpy(pixels).permute(0, 3, 1, 2)

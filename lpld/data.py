@@ -30,7 +30,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from . import distributed
-from .atomic import write_atomically
+from .atomic import exclusive, write_atomically
 from .errors import UserError
 from .fingerprint import tensors_sha256
 
@@ -283,20 +283,29 @@ def list_images(folders: Sequence[Path], cache_file: Path | None = None) -> tupl
     With ``cache_file`` the folders are scanned once and the listing is read back while every
     folder's mtime_ns is unchanged (adding, removing or renaming a file changes its folder's), so
     later stages and ranks read one file instead of stat'ing every image. A file rewritten in place
-    under its old name goes unnoticed. Only rank 0 writes the cache, and not while a folder was
-    modified in the last ``SETTLED_NS``: a change within the timestamps' granularity could be missed.
+    under its old name goes unnoticed. One process at a time scans and writes the cache (a lock
+    beside it): the ranks of a host starting together wait for the first one's scan instead of each
+    scanning every folder. A folder modified in the last ``SETTLED_NS`` is not cached: a change
+    within the timestamps' granularity could be missed.
     """
-    stamps = _folder_stamps(folders)
-    if cache_file is not None and (cached := _read_listing(cache_file, folders, stamps)) is not None:
-        return cached
+    if cache_file is None:
+        return _scan_listing(folders)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(cache_file.with_name(cache_file.name + ".lock")):
+        stamps = _folder_stamps(folders)
+        if (cached := _read_listing(cache_file, folders, stamps)) is not None:
+            return cached
+        names, fingerprint = _scan_listing(folders)
+        if all(time.time_ns() - stamp > SETTLED_NS for stamp in stamps):
+            _write_listing(cache_file, folders, stamps, names, fingerprint)
+        return names, fingerprint
+
+
+def _scan_listing(folders: Sequence[Path]) -> tuple[list[list[str]], str]:
     scanned = scan_folders(folders)
     names = [[file.name for file in files] for files in scanned]
-    fingerprint = _listing_fingerprint((folder.name, file.name, file.size)
+    return names, _listing_fingerprint((folder.name, file.name, file.size)
                                        for folder, files in zip(folders, scanned) for file in files)
-    settled = all(time.time_ns() - stamp > SETTLED_NS for stamp in stamps)
-    if cache_file is not None and settled and distributed.is_main():
-        _write_listing(cache_file, folders, stamps, names, fingerprint)
-    return names, fingerprint
 
 
 def _folder_stamps(folders: Sequence[Path]) -> list[int]:

@@ -92,6 +92,19 @@ def test_grey_images_and_bad_folders(tmp_path):
         bank.open(tmp_path / "missing", channels=1)
 
 
+def test_a_bad_image_stops_the_build_without_decoding_the_rest(tmp_path, monkeypatch):
+    write_images(tmp_path / "c00000", 1, size=(1, 6, 6))
+    write_images(tmp_path / "c00001", 1, size=(1, 7, 6))  # the second image is of another size
+    write_images(tmp_path / "c00002", 40, size=(1, 6, 6))
+    decoded = []
+    real_decode = bank.decode_file
+    monkeypatch.setattr(bank, "decode_file", lambda *args: decoded.append(args[0]) or real_decode(*args))
+    monkeypatch.setattr(bank, "CHUNK", 1)
+    with pytest.raises(UserError, match="size"):
+        bank.build(tmp_path, 1, workers=1, show_progress=False)
+    assert len(decoded) < 10  # the queued chunks were cancelled, not decoded before the error surfaced
+
+
 def test_changed_files_are_noticed(tmp_path, monkeypatch, capsys):
     images = random_images(n=6, channels=3, side=8, seed=2)
     paths = write_folder(tmp_path, images, classes=2)
@@ -99,29 +112,29 @@ def test_changed_files_are_noticed(tmp_path, monkeypatch, capsys):
     assert "no image bank yet" in capsys.readouterr().out
 
     builds = []
-    real_build = bank.build
-    monkeypatch.setattr(bank, "build", lambda *args, **kw: builds.append(args) or real_build(*args, **kw))
+    real_build = bank._build
+    monkeypatch.setattr(bank, "_build", lambda *args: builds.append(args) or real_build(*args))
     assert bank.open(tmp_path, 3).fingerprint == first.fingerprint and not builds  # unchanged: reused
 
     os.utime(paths[0], ns=(1, 1))  # new times, same bytes: kept, after one streamed hash
     assert bank.open(tmp_path, 3).fingerprint == first.fingerprint and not builds
-    hashed = []
-    monkeypatch.setattr(bank, "file_sha256", lambda path: hashed.append(path))
-    bank.open(tmp_path, 3)
-    assert not hashed  # the new times were recorded, so the cheap check passes again
-    monkeypatch.undo()
+    with monkeypatch.context() as patched:
+        hashed = []
+        patched.setattr(bank, "file_sha256", lambda path: hashed.append(path))
+        bank.open(tmp_path, 3)
+        assert not hashed  # the new times were recorded, so the cheap check passes again
 
     changed = images[0].clone()
     changed[0, 0, 0] ^= 1
     write_png(changed, str(paths[0]))
     os.utime(paths[0], ns=(1, 1))  # mtime set back as `cp -p` would: the change time still moved
     rebuilt = bank.open(tmp_path, 3)
-    assert "changed since" in capsys.readouterr().out
+    assert "changed since" in capsys.readouterr().out and len(builds) == 1
     assert rebuilt.fingerprint != first.fingerprint and torch.equal(rebuilt.images[0], changed)
 
     write_png(images[1], str(paths[0].parent / "img100.png"))
     more = bank.open(tmp_path, 3)
-    assert "added, removed or renamed" in capsys.readouterr().out and len(more.images) == 7
+    assert "added, removed or renamed" in capsys.readouterr().out and len(more.images) == 7 and len(builds) == 2
 
 
 def test_processes_opening_a_missing_bank_at_once_build_it_once(tmp_path, monkeypatch):

@@ -230,7 +230,7 @@ def test_listing_cache_is_read_back_until_a_folder_changes(tmp_path, monkeypatch
     cache = tmp_path / "run" / "listings"
     settle(*(tmp_path / "train").iterdir())
     first = load_real(data, "train", cache=cache)
-    assert len(list(cache.iterdir())) == 1
+    assert len(list(cache.glob("*.txt"))) == 1  # beside its lock
     scans = []
     real_scandir = os.scandir
     monkeypatch.setattr(os, "scandir", lambda path: scans.append(Path(path)) or real_scandir(path))
@@ -249,3 +249,22 @@ def test_listing_cache_is_read_back_until_a_folder_changes(tmp_path, monkeypatch
     assert load_real(data, "train", cache=cache).files == changed.files  # scanned again and cached
     scans.clear()
     assert load_real(data, "train", cache=cache).files == changed.files and scans == [tmp_path / "train"]
+
+
+def test_processes_listing_at_once_scan_once(tmp_path, monkeypatch):
+    """The ranks of a host start together: the first scans and caches, the others wait and read it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lpld import data
+
+    image_folder(tmp_path)
+    folders = sorted((tmp_path / "train").iterdir())
+    settle(*folders)
+    scans = []
+    real_scan = data.scan_folders
+    monkeypatch.setattr(data, "scan_folders", lambda found: scans.append(found) or real_scan(found))
+    cache = tmp_path / "listings" / "train.txt"
+    with ThreadPoolExecutor(3) as pool:  # flock excludes open files, so threads stand in for processes
+        results = list(pool.map(lambda _: data.list_images(folders, cache), range(3)))
+    assert len(scans) == 1 and results[0] == results[1] == results[2] == data.list_images(folders)
+    assert len(scans) == 2  # without a cache file the folders are scanned
