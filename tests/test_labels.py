@@ -288,6 +288,8 @@ def test_file_sha256_streams_across_chunks(tmp_path):
     (tmp_path / "f").write_bytes(data)
     for chunk in (7, 1000, 1 << 20):
         assert fingerprint.file_sha256(tmp_path / "f", chunk) == hashlib.sha256(data).hexdigest()
+    (tmp_path / "empty").write_bytes(b"")
+    assert fingerprint.file_sha256(tmp_path / "empty") == hashlib.sha256(b"").hexdigest()
 
 
 def test_finish_stamps_the_store_and_later_opens_do_not_hash(store_path, hash_calls):
