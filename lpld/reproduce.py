@@ -82,9 +82,10 @@ class Grid:
                 float(ratio), LogitCodec.parse(codec)
             except ValueError:
                 raise UserError(f"--frontier {item!r}: expected RATIO:CODEC, e.g. 0.975:top2-fp8") from None
-        self.cells.extend(Cell(b, ipc, r) for ipc in self.ipcs for b in self.batchings for r in self.ratios)
-        self.cells.extend(Cell(b, min(self.ipcs), float(item.split(":")[0]), item.split(":")[1])
-                          for b in self.batchings for item in self.frontier)
+        cells = [Cell(b, ipc, r) for ipc in self.ipcs for b in self.batchings for r in self.ratios]
+        cells += [Cell(b, min(self.ipcs), float(item.split(":")[0]), item.split(":")[1])
+                  for b in self.batchings for item in self.frontier]
+        self.cells.extend(dict.fromkeys(cells))  # a frontier cell may repeat a pruning cell: one student folder each
 
     def epochs_of(self, ipc: int) -> int:
         return self.epochs[self.ipcs.index(ipc)]
@@ -217,7 +218,7 @@ def summarize(grid: Grid, sets: list[dict], rows: list[dict]) -> dict:
     claims = []
     for ipc in grid.ipcs:
         of = {(c["batching"], c["ratio"]): c for c in cells if c["ipc"] == ipc and c["codec"] == "fp16"}
-        for ratio in grid.ratios[1:]:
+        for ratio in (r for r in grid.ratios if r != 0):  # each against 1x (no claim without a 0 ratio)
             pairs = [of.get((b, r)) for b in BATCHINGS for r in (0.0, ratio)]
             if None in pairs:
                 continue

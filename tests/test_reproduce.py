@@ -1,13 +1,14 @@
 """lpld reproduce: a tiny grid end to end, its numbers against the students it trained, and a rerun that trains nothing."""
 import json
 import statistics
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 
 from lpld.cli import main
 from lpld.labels import LogitCodec
-from lpld.reproduce import Cell, Grid
+from lpld.reproduce import Cell, Grid, summarize
 
 from test_run import TINY
 from test_train import CLASSES, write_folder
@@ -23,6 +24,12 @@ def test_cells_and_codec_names():
     for bad in ("top-fp8", "top2", "int4", "top0-fp8"):
         with pytest.raises(ValueError):
             LogitCodec.parse(bad)
+    repeated = Grid(ipcs=(2,), epochs=(4,), ratios=(0.5, 0.0), frontier=("0.5:fp16", "0.5:int8"), seeds=1)
+    assert len(repeated.cells) == len(set(repeated.cells)) == 2 * 3  # 0.5:fp16 is the pruning cell at 0.5
+    rows = [{**asdict(cell), "seed": 0, "top1": 50.0 + 10 * cell.ratio + (cell.batching == "class-wise"),
+             "logit_bytes": 1, "bytes_on_disk": 1, "compression": 1.0, "records": 1} for cell in repeated.cells]
+    claims = summarize(repeated, [], rows)["claims"]
+    assert [(c["ratio"], c["class_wise_minus_across_class"]) for c in claims] == [(0.5, 1.0)]
     with pytest.raises(Exception, match="RATIO:CODEC"):
         Grid(frontier=("0.9:int4",))
     with pytest.raises(Exception, match="one value per IPC"):
