@@ -181,6 +181,33 @@ def test_first_layer_weight_reaches_the_loss():
     torch.testing.assert_close(weighted, 10 * per_layer[0] + per_layer[1])
 
 
+@pytest.mark.parametrize("rms", [False, True])
+def test_reference_is_the_definition_written_out(rms):
+    """The oracle against SPEC.md section 5 spelled out one layer and one group at a time: w_l times
+    the unsquared L2 norms of (target mean - mean) and (target var - biased var) over (samples, H, W)
+    of the group's samples, each divided by sqrt(C) with ``rms``; a group without samples adds 0."""
+    xs, target_mean, target_var = make_layers(7, [(4, 3, 3), (6, 2, 5)], 4, device="cpu")
+    xs = [x.double() for x in xs]
+    target_mean, target_var = target_mean.double(), target_var.double()
+    groups, rows, weights = torch.tensor([2, 0, 0, 2, 1, 0, 2]), torch.tensor([3, 0, 1, 2]), [10.0, 1.0]
+    expected, first = 0.0, 0
+    for x, weight in zip(xs, weights):
+        channels = x.shape[1]
+        for g in range(len(rows)):
+            mine = x[groups == g]
+            if not len(mine):
+                continue
+            values = mine.permute(1, 0, 2, 3).reshape(channels, -1)
+            var, mean = torch.var_mean(values, dim=1, unbiased=False)
+            row = rows[g]
+            norms = (torch.linalg.vector_norm(target_mean[row, first:first + channels] - mean)
+                     + torch.linalg.vector_norm(target_var[row, first:first + channels] - var))
+            expected += weight * norms / (math.sqrt(channels) if rms else 1.0)
+        first += channels
+    got = bn_match.class_bn_loss_reference(xs, groups, target_mean, target_var, weights, rows, rms=rms)
+    torch.testing.assert_close(got, torch.as_tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
+
+
 def test_non_dense_and_mixed_layout_inputs_are_handled():
     """Both go through one dense layout (a copy), so their gradients come back in that layout."""
     xs, target_mean, target_var = make_layers(4, [(6, 6, 8), (3, 4, 4)], 2)
