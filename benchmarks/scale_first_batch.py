@@ -25,22 +25,31 @@ def main() -> None:
     parser.add_argument("--distilled", required=True)
     parser.add_argument("--labels", required=True)
     args = parser.parse_args()
+    phases = {"imports": time.perf_counter() - START}
     rank, world = distributed.init()
     recipe = get_recipe("imagenet1k")
+    mark = time.perf_counter()
     distilled = bank.open(args.distilled, recipe.data.channels)
+    phases["bank_open"] = time.perf_counter() - mark
+    mark = time.perf_counter()
     store = LabelStore.open(args.labels, expect_images=len(distilled.images), expect_classes=recipe.data.num_classes,
                             verify_checksums=distributed.is_main())
     distributed.barrier()
+    phases["store_open"] = time.perf_counter() - mark
+    mark = time.perf_counter()
     model = models.use_ghost_batch_norm(models.build_model(recipe.model.arch, recipe.data.num_classes, 3, recipe.model.stem),
                                         recipe.train.bn_batch)
+    phases["student"] = time.perf_counter() - mark
+    mark = time.perf_counter()
     sampler = replay.PlanSampler(train.training_plan(store, 0))
     batches = replay.make_loader("torch", store, distilled.images, sampler, store.meta["size"], store.meta["mean"],
                                  store.meta["std"], torch.device("cpu"), 0)
     sampler.set_epoch(0)
     batch = next(iter(batches))
     rows = train.rank_rows(len(batch.images), rank, world)
+    phases["first_batch"] = time.perf_counter() - mark
     seconds = time.perf_counter() - START
-    print(json.dumps({"rank": rank, "world": world, "seconds_to_first_batch": seconds,
+    print(json.dumps({"rank": rank, "world": world, "seconds_to_first_batch": seconds, "phases": phases,
                       "batch": list(batch.images[rows].shape), "parameters": sum(p.numel() for p in model.parameters())}),
           flush=True)
     distributed.barrier()
