@@ -183,6 +183,9 @@ def array_specs(meta: dict) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         "flip": ((rows, batch), np.dtype(np.bool_)),
         **LogitCodec.of(meta).specs(rows, batch, classes),
     }
+    declared = meta.get("arrays", {}).get("topk_indices", {}).get("dtype")
+    if "topk_indices" in specs and declared is not None and np.dtype(declared) == np.int16 and classes <= 2**15:
+        specs["topk_indices"] = (specs["topk_indices"][0], np.dtype(np.int16))  # top-k stores of lpld 0.1
     if meta["flip"] == "cutout":
         specs["cutout_box"] = ((rows, batch, 4), np.dtype(np.int32))
         specs["cutout_fill"] = ((rows, batch, meta["channels"]), np.dtype(np.uint8))

@@ -201,6 +201,23 @@ def test_topk_store_keeps_the_k_largest_logits(tmp_path):
         assert torch.isfinite(soft_kl_div(torch.randn(B, K), got.float(), temperature=4.0, backend="torch"))
 
 
+def test_a_topk_store_with_the_first_releases_int16_indices_still_opens(tmp_path):
+    """lpld 0.1 stored top-k indices as int16 for any K up to 2^15; such a store reads back the same."""
+    write_store(tmp_path / "s", np.arange(4), topk=3)
+    new = LabelStore.open(tmp_path / "s")
+    expected = {g: new.record(g).logits for g in new.ids}
+    file = tmp_path / "s" / "topk_indices.npy"
+    np.save(file, np.load(file).astype(np.int16))
+    meta = json.loads((tmp_path / "s" / "meta.json").read_text())
+    meta["arrays"]["topk_indices"].update(dtype=np.dtype(np.int16).str, sha256=hashlib.sha256(file.read_bytes()).hexdigest())
+    (tmp_path / "s" / "meta.json").write_text(json.dumps(meta))
+    (tmp_path / "s" / labels.VERIFIED).unlink()
+    old = LabelStore.open(tmp_path / "s")
+    assert old.array("topk_indices").dtype == np.int16
+    for g, logits in expected.items():
+        np.testing.assert_array_equal(old.record(g).logits, logits)
+
+
 def _codec_bound(quant, reference):
     """Largest error each codec may make on fp16 logits [..., k] (float64), from its number format alone."""
     if quant == "int8":  # half a step of (max - min) / 255, plus fp16 rounding of the scale and offset
