@@ -3,11 +3,14 @@
 Table 1 / 6a of the paper: class-wise batching (LPLD) keeps its accuracy under heavy random label
 pruning where across-class batching (SRe2L) does not, because it raises within-class diversity.
 One teacher and its class-wise statistics (made here when the work directory has none) serve a
-grid of image sets (batching x IPC), each recovered, analysed for diversity and relabelled once;
-every set's label store is pruned at each ratio (and re-encoded by the logit codecs of the
-storage frontier), and a student is trained per (set, labels, seed) and evaluated on the real test
-split. The seed is the student's: its initialization and its training plan (which kept records
-each epoch replays); the paper's random pool keeps the same records for every seed.
+grid of image sets (batching x IPC), each recovered, analysed for diversity and relabelled once
+at the recipe's label epochs (300, as the paper's, so every pruning ratio keeps the paper's labels
+per image); every set's label store is pruned at each ratio (and re-encoded by the logit codecs
+of the storage frontier), and a student is trained per (set, labels, seed) for its IPC's student
+epochs and evaluated on the real test split. The seed is the student's: its initialization and
+its training plan (which kept records each epoch replays); the paper's random pool keeps the same
+records for every seed. Student folders are named by their epochs, so a grid with longer
+students on the same work directory reuses the sets and trains beside the shorter ones.
 
 Students run in ``--jobs`` worker processes with one torch thread each, so a 2-core machine trains
 two at once. Every piece resumes on its own artifact (recover, relabel, prune and train all do),
@@ -59,14 +62,14 @@ class Cell:
     def labels(self) -> str:
         return f"labels-r{self.ratio:g}" + ("" if self.codec == "fp16" else f"-{self.codec}")
 
-    def student(self, seed: int) -> str:
-        return f"{self.labels.removeprefix('labels-')}-s{seed}"
+    def student(self, epochs: int, seed: int) -> str:
+        return f"{self.labels.removeprefix('labels-')}-e{epochs}-s{seed}"
 
 
 @dataclass(frozen=True)
 class Grid:
     ipcs: tuple[int, ...] = (10, 50)
-    epochs: tuple[int, ...] = (100, 40)  # relabel and student epochs per IPC (same count: see README)
+    epochs: tuple[int, ...] = (100, 20)  # student epochs per IPC: 400 steps of 25 images each (see README)
     ratios: tuple[float, ...] = PAPER_RATIOS
     frontier: tuple[str, ...] = FRONTIER  # "ratio:codec" cells at the smallest IPC
     seeds: int = 3
@@ -90,12 +93,15 @@ class Grid:
     def epochs_of(self, ipc: int) -> int:
         return self.epochs[self.ipcs.index(ipc)]
 
+    def student(self, cell: Cell, seed: int) -> str:
+        return cell.student(self.epochs_of(cell.ipc), seed)
+
 
 def set_recipe(recipe: Recipe, grid: Grid, batching: str, ipc: int) -> Recipe:
-    """The recipe of one image set: its batching and IPC; relabel and students at the IPC's epochs,
-    evaluated once at the end."""
+    """The recipe of one image set: its batching and IPC, students at the IPC's epochs, evaluated
+    once at the end (labels at the recipe's relabel epochs)."""
     epochs = grid.epochs_of(ipc)
-    return recipe.with_overrides([f"recover.batching={batching}", f"recover.ipc={ipc}", f"relabel.epochs={epochs}",
+    return recipe.with_overrides([f"recover.batching={batching}", f"recover.ipc={ipc}",
                                   f"train.epochs={epochs}", f"train.val_interval={epochs}"])
 
 
@@ -134,7 +140,7 @@ def train_student(recipe: Recipe, root: WorkDir, grid: Grid, cell: Cell, seed: i
 
     workdir = set_workdir(root, cell.batching, cell.ipc)
     recipe = set_recipe(recipe, grid, cell.batching, cell.ipc).with_overrides([f"train.seed={seed}"])
-    summary = train.train(recipe, workdir, workdir.root / cell.labels, cell.student(seed), device, resume=True)
+    summary = train.train(recipe, workdir, workdir.root / cell.labels, grid.student(cell, seed), device, resume=True)
     storage = labels.storage_report(labels.LabelStore.open(workdir.root / cell.labels, verify_checksums=False))
     return {**asdict(cell), "seed": seed, "top1": summary["top1"], "top5": summary["top5"],
             "logit_bytes": storage["logit_bytes"], "bytes_on_disk": storage["bytes_on_disk"],
@@ -184,12 +190,12 @@ def run_grid(recipe: Recipe, root: WorkDir, grid: Grid, jobs: int = 2, name: str
                     diversity[key] = result
                     bar.set_postfix_str(f"{key[0]} IPC {key[1]}: within-class cosine {result['mean_cosine']:.3f}")
                     for cell, seed in students[key]:
-                        log = logs / f"{cell.batching}-ipc{cell.ipc}-{cell.student(seed)}.log"
+                        log = logs / f"{cell.batching}-ipc{cell.ipc}-{grid.student(cell, seed)}.log"
                         pending[pool.submit(_in_worker, log, train_student, recipe, root, grid, cell, seed, device)] = \
                             ("student", (cell, seed))
                 else:
                     rows.append(result)
-                    bar.set_postfix_str(f"{key[0].batching} IPC {key[0].ipc} {key[0].student(key[1])}: "
+                    bar.set_postfix_str(f"{key[0].batching} IPC {key[0].ipc} {grid.student(*key)}: "
                                         f"{result['top1']:.2f}%")
     bar.close()
     results = summarize(grid, list(diversity.values()), rows)
@@ -316,7 +322,7 @@ def register(subparsers) -> None:
     add_recipe_arguments(parser)
     parser.add_argument("--ipc", type=int, nargs="+", default=list(Grid.ipcs), help="images per class of each set")
     parser.add_argument("--epochs", type=int, nargs="+", default=list(Grid.epochs),
-                        help="relabel and student epochs, one per --ipc value")
+                        help="student epochs, one per --ipc value (labels: the recipe's relabel.epochs)")
     parser.add_argument("--ratios", type=float, nargs="+", default=list(PAPER_RATIOS), help="pruning ratios")
     parser.add_argument("--frontier", nargs="*", default=list(FRONTIER), metavar="RATIO:CODEC",
                         help="pruning x codec cells at the smallest IPC (codecs: fp16, int8, fp8, topK-<one of those>)")

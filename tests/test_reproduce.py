@@ -18,7 +18,8 @@ def test_cells_and_codec_names():
     grid = Grid(ipcs=(2, 4), epochs=(4, 2), ratios=(0.0, 0.5), frontier=("0.5:top2-fp8",), seeds=1)
     assert len(grid.cells) == 2 * 2 * 2 + 2 and grid.epochs_of(4) == 2
     assert Cell("class-wise", 2, 0.5, "top2-fp8") in grid.cells  # frontier cells at the smallest IPC
-    assert Cell("across-class", 2, 0.975).student(1) == "r0.975-s1"
+    assert Cell("across-class", 2, 0.975).student(100, 1) == "r0.975-e100-s1"
+    assert grid.student(Cell("across-class", 4, 0.5), 1) == "r0.5-e2-s1"  # the IPC's student epochs
     assert Cell("across-class", 2, 0.975, "int8").labels == "labels-r0.975-int8"
     assert [LogitCodec.parse(n) for n in ("fp16", "fp8", "top2-int8")] == [LogitCodec(), LogitCodec(0, "fp8"), LogitCodec(2, "int8")]
     for bad in ("top-fp8", "top2", "int4", "top0-fp8"):
@@ -41,7 +42,7 @@ def test_reproduce_grid_end_to_end_then_resumes(tmp_path):
     write_folder(tmp_path / "real" / "val", 3, seed=2)
     workdir = tmp_path / "run"
     args = ["reproduce", "--workdir", str(workdir), "--data", str(tmp_path / "real"), "--device", "cpu",
-            *[item for override in TINY if not override.startswith(("relabel.epochs", "train.epochs", "recover.ipc"))
+            *[item for override in TINY if not override.startswith(("train.epochs", "recover.ipc"))
               for item in ("--set", override)],
             "--ipc", "4", "--epochs", "4", "--ratios", "0", "0.75", "--frontier", "0.75:top2-fp8", "--seeds", "2",
             "--jobs", "2", "--name", "tiny"]
@@ -54,7 +55,7 @@ def test_reproduce_grid_end_to_end_then_resumes(tmp_path):
     for cell in results["cells"]:
         students = out / f"{cell['batching']}-ipc4" / "students"
         name = Cell(cell["batching"], 4, cell["ratio"], cell["codec"]).student
-        top1 = [json.loads((students / name(seed) / "summary.json").read_text())["top1"] for seed in (0, 1)]
+        top1 = [json.loads((students / name(4, seed) / "summary.json").read_text())["top1"] for seed in (0, 1)]
         assert cell["top1"] == top1 and cell["mean"] == pytest.approx(np.mean(top1))
         assert cell["std"] == pytest.approx(np.std(top1, ddof=1))
         records = 12 if cell["ratio"] == 0 else 3  # 4 epochs x 3 batches of 4; a quarter kept
@@ -80,3 +81,15 @@ def test_reproduce_grid_end_to_end_then_resumes(tmp_path):
     assert [path.stat().st_mtime_ns for path in checkpoints] == stamps
     again = json.loads((out / "tiny.json").read_text())
     assert again["cells"] == results["cells"] and statistics.fmean(again["cells"][0]["top1"]) == results["cells"][0]["mean"]
+
+    # longer students on the same sets: nothing is recovered or relabelled again, and they train beside the others
+    labels = sorted(out.glob("*/labels/meta.json"))
+    label_stamps = [path.stat().st_mtime_ns for path in labels]
+    longer = [*args[: args.index("--epochs")], "--epochs", "6", "--ratios", "0", "--frontier", "--seeds", "1", "--name", "longer"]
+    assert main(longer) == 0
+    assert [path.stat().st_mtime_ns for path in labels] == label_stamps and len(labels) == 2
+    assert [path.stat().st_mtime_ns for path in checkpoints] == stamps
+    assert sorted(p.parent.name for p in out.glob("*/students/*-e6-*/summary.json")) == ["r0-e6-s0", "r0-e6-s0"]
+    assert [c["top1"] for c in json.loads((out / "longer.json").read_text())["cells"]] == [
+        [json.loads((out / f"{b}-ipc4" / "students" / "r0-e6-s0" / "summary.json").read_text())["top1"]]
+        for b in ("class-wise", "across-class")]
