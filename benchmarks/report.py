@@ -137,7 +137,32 @@ def _labels_rows(document: dict) -> dict[str, str]:
     return rows
 
 
-ROWS = {"kernels": _kernel_rows, "recover": _recover_rows, "labels": _labels_rows, "train": _train_rows}
+def _scale_rows(document: dict) -> dict[str, str]:
+    results, rows = document["results"], {}
+    first = [results.get(f"first_batch_{ranks}_rank") for ranks in (1, 2)]
+    if all(first):
+        rows[f"IN-1K IPC 50 bank ({format_bytes(first[0]['bank_bytes'])}): peak PSS to the first batch, 1 / 2 ranks"] = (
+            " / ".join(format_bytes(row["peak_pss_bytes"]) for row in first)
+            + f" (target {format_bytes(first[0]['target_bytes'])})")
+        rows["the same: seconds to the first batch, 1 / 2 ranks"] = " / ".join(
+            f"{row['seconds_to_first_batch']:.1f} s" for row in first)
+    if "in21k_store_open" in results:
+        row = results["in21k_store_open"]
+        rows[f"IN-21K-shaped store ({format_bytes(row['bytes'])}): first open (hash) / later open"] = (
+            f"{row['first_seconds']:.1f} s ({row['first_gb_per_sec']:.2f} GB/s) / {row['later_seconds_best_of_5'] * 1e3:.1f} ms")
+    if "relabel_224px_resnet18" in results:
+        row = results["relabel_224px_resnet18"]
+        rows["relabel at 224 px (ResNet-18) vs the teacher's forward alone"] = (
+            f"{row['images_per_sec']:.1f} img/s ({row['ratio_vs_forward_only']:.2f}x)")
+    if "listing_100k_files" in results:
+        row = results["listing_100k_files"]
+        rows["listing 100k files in 1000 folders: first / cached"] = (
+            f"{row['first_seconds']:.2f} s / {row['cached_seconds'] * 1e3:.0f} ms")
+    return rows
+
+
+ROWS = {"kernels": _kernel_rows, "recover": _recover_rows, "labels": _labels_rows, "train": _train_rows,
+        "scale": _scale_rows}
 
 
 def table_rows(results: dict) -> list[list[str]]:

@@ -72,6 +72,8 @@ def distilled() -> Path:
     if not (folder / bank.INDEX).is_file():
         for label in range(CLASSES):
             class_dir = folder / f"c{label:05d}"
+            if class_dir.is_dir() and len(list(class_dir.glob("*.png"))) == IPC:
+                continue  # written by an interrupted build (a class folder is complete once its last file is)
             class_dir.mkdir(parents=True, exist_ok=True)
             for i, image in enumerate(_images_of_class(label)):
                 (class_dir / f"{i:03d}.png").write_bytes(encode_png(image).numpy().tobytes())
