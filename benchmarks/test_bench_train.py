@@ -39,7 +39,7 @@ if CUDA:
     SHAPE = dict(arch="resnet18", stem="standard", side=224, channels=3, batch=128, classes=1000, images=2560,
                  workers=8, compile=True, rounds=3)
 else:
-    SHAPE = dict(arch="resnet10", stem="3x3s2", side=28, channels=1, batch=64, classes=10, images=512,
+    SHAPE = dict(arch="resnet10", stem="3x3s2", side=28, channels=1, batch=64, classes=10, images=2048,
                  workers=1, compile=False, rounds=3)
 PROVIDERS = ["resident", "dali", "torch", "pil"]
 ROWS: list[dict] = []
