@@ -267,6 +267,7 @@ def figure(results: dict):
     colors = {"class-wise": "tab:blue", "across-class": "tab:red"}
     ipcs = sorted({c["ipc"] for c in results["cells"]})
     styles = dict(zip(ipcs, ("-", "--", ":", "-.")))
+    named = set()  # each codec cell is named once, beside its higher point
     for batching in BATCHINGS:
         for ipc in ipcs:
             line = sorted((c for c in results["cells"] if (c["batching"], c["ipc"], c["codec"]) == (batching, ipc, "fp16")),
@@ -281,8 +282,13 @@ def figure(results: dict):
                           color=colors[batching], linestyle="none", marker="s", mfc="white", capsize=3,
                           label=f"{batching}, IPC {min(ipcs)}, pruning x codec")
             for c in coded:
-                axis.annotate(f"r{c['ratio']:g} {c['codec']}", (c["compression"], c["mean"]), fontsize=7,
-                              xytext=(4, -10 if batching == "across-class" else 4), textcoords="offset points")
+                if (c["ratio"], c["codec"]) in named:
+                    continue
+                named.add((c["ratio"], c["codec"]))
+                top = max((d["mean"] + d["std"] for d in results["cells"]
+                           if (d["ratio"], d["codec"], d["ipc"]) == (c["ratio"], c["codec"], c["ipc"])))
+                axis.annotate(f"r{c['ratio']:g} {c['codec']}", (c["compression"], top), fontsize=7, ha="center",
+                              xytext=(0, 4), textcoords="offset points")
     axis.set_xscale("log")
     axis.set_xlabel("compression of the soft labels (full fp16 logits / stored logit bytes)")
     axis.set_ylabel("student top-1 on the test split (%)")
