@@ -24,16 +24,11 @@ def of(**parts) -> dict:
     return json.loads(json.dumps(parts, sort_keys=True))
 
 
-def differences(found, expected: dict) -> list[str]:
-    """The parts of ``expected`` that ``found`` records differently (all of them when ``found``
-    is no identity at all). Parts only ``found`` has are ignored: an artifact may record more."""
-    if not isinstance(found, dict):
-        return sorted(expected)
-    return sorted(key for key in expected if found.get(key) != expected[key])
-
-
 def check(found, expected: dict, artifact: str | Path, remedy: str) -> None:
-    """Refuse ``artifact`` when its recorded identity ``found`` differs from ``expected``."""
-    changed = differences(found, expected)
+    """Refuse ``artifact`` when its recorded identity ``found`` differs from ``expected`` in any
+    part of ``expected`` (in all of them when ``found`` is no identity at all); parts only
+    ``found`` has are ignored: an artifact may record more."""
+    found = found if isinstance(found, dict) else {}
+    changed = sorted(key for key in expected if found.get(key, ...) != expected[key])
     if changed:
         raise UserError(f"{artifact} was made with other {', '.join(changed)}; {remedy}")

@@ -62,9 +62,6 @@ class Cell:
     def labels(self) -> str:
         return f"labels-r{self.ratio:g}" + ("" if self.codec == "fp16" else f"-{self.codec}")
 
-    def student(self, epochs: int, seed: int) -> str:
-        return f"{self.labels.removeprefix('labels-')}-e{epochs}-s{seed}"
-
 
 @dataclass(frozen=True)
 class Grid:
@@ -94,7 +91,8 @@ class Grid:
         return self.epochs[self.ipcs.index(ipc)]
 
     def student(self, cell: Cell, seed: int) -> str:
-        return cell.student(self.epochs_of(cell.ipc), seed)
+        """The student folder of (cell, seed): its labels, its IPC's epochs and its seed."""
+        return f"{cell.labels.removeprefix('labels-')}-e{self.epochs_of(cell.ipc)}-s{seed}"
 
 
 def set_recipe(recipe: Recipe, grid: Grid, batching: str, ipc: int) -> Recipe:

@@ -4,6 +4,7 @@ import hashlib
 import os
 import struct
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.io import write_jpeg, write_png
 
-from lpld.data import eval_transform, load_real, read_idx, train_transform
+import lpld.data
+from lpld.data import eval_transform, list_images, load_real, read_idx, train_transform
 from lpld.errors import UserError
 from lpld.recipes import RECIPES, DataConfig
 
@@ -253,18 +255,14 @@ def test_listing_cache_is_read_back_until_a_folder_changes(tmp_path, monkeypatch
 
 def test_processes_listing_at_once_scan_once(tmp_path, monkeypatch):
     """The ranks of a host start together: the first scans and caches, the others wait and read it."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from lpld import data
-
     image_folder(tmp_path)
     folders = sorted((tmp_path / "train").iterdir())
     settle(*folders)
     scans = []
-    real_scan = data.scan_folders
-    monkeypatch.setattr(data, "scan_folders", lambda found: scans.append(found) or real_scan(found))
+    real_scan = lpld.data.scan_folders
+    monkeypatch.setattr(lpld.data, "scan_folders", lambda found: scans.append(found) or real_scan(found))
     cache = tmp_path / "listings" / "train.txt"
     with ThreadPoolExecutor(3) as pool:  # flock excludes open files, so threads stand in for processes
-        results = list(pool.map(lambda _: data.list_images(folders, cache), range(3)))
-    assert len(scans) == 1 and results[0] == results[1] == results[2] == data.list_images(folders)
+        results = list(pool.map(lambda _: list_images(folders, cache), range(3)))
+    assert len(scans) == 1 and results[0] == results[1] == results[2] == list_images(folders)
     assert len(scans) == 2  # without a cache file the folders are scanned

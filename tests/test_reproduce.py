@@ -18,7 +18,7 @@ def test_cells_and_codec_names():
     grid = Grid(ipcs=(2, 4), epochs=(4, 2), ratios=(0.0, 0.5), frontier=("0.5:top2-fp8",), seeds=1)
     assert len(grid.cells) == 2 * 2 * 2 + 2 and grid.epochs_of(4) == 2
     assert Cell("class-wise", 2, 0.5, "top2-fp8") in grid.cells  # frontier cells at the smallest IPC
-    assert Cell("across-class", 2, 0.975).student(100, 1) == "r0.975-e100-s1"
+    assert Grid(ipcs=(2,), epochs=(100,)).student(Cell("across-class", 2, 0.975), 1) == "r0.975-e100-s1"
     assert grid.student(Cell("across-class", 4, 0.5), 1) == "r0.5-e2-s1"  # the IPC's student epochs
     assert Cell("across-class", 2, 0.975, "int8").labels == "labels-r0.975-int8"
     assert [LogitCodec.parse(n) for n in ("fp16", "fp8", "top2-int8")] == [LogitCodec(), LogitCodec(0, "fp8"), LogitCodec(2, "int8")]
@@ -52,10 +52,11 @@ def test_reproduce_grid_end_to_end_then_resumes(tmp_path):
     assert (out / "tiny.png").stat().st_size > 0 and "| 4 | class-wise |" in (out / "tiny.md").read_text()
     assert {(s["batching"], s["ipc"]) for s in results["sets"]} == {("class-wise", 4), ("across-class", 4)}
     assert len(results["cells"]) == 6
+    grid = Grid(ipcs=(4,), epochs=(4,))
     for cell in results["cells"]:
         students = out / f"{cell['batching']}-ipc4" / "students"
-        name = Cell(cell["batching"], 4, cell["ratio"], cell["codec"]).student
-        top1 = [json.loads((students / name(4, seed) / "summary.json").read_text())["top1"] for seed in (0, 1)]
+        this = Cell(cell["batching"], 4, cell["ratio"], cell["codec"])
+        top1 = [json.loads((students / grid.student(this, seed) / "summary.json").read_text())["top1"] for seed in (0, 1)]
         assert cell["top1"] == top1 and cell["mean"] == pytest.approx(np.mean(top1))
         assert cell["std"] == pytest.approx(np.std(top1, ddof=1))
         records = 12 if cell["ratio"] == 0 else 3  # 4 epochs x 3 batches of 4; a quarter kept
