@@ -44,19 +44,27 @@ def timeout() -> timedelta:
     return wait
 
 
-def init() -> tuple[int, int]:
+def init(requested: str | torch.device | None = None) -> tuple[int, int]:
     """Join the process group when launched by torchrun; return (rank, world_size).
 
-    The group's timeout, ``timeout()``, bounds its collectives (the NCCL watchdog), the c10d store
-    and ``barrier``; set LPLD_DIST_TIMEOUT (seconds) to change it.
+    ``requested`` is the device the stage will compute on (``device(requested)``): only a CUDA one
+    makes this rank's GPU current and adds NCCL, so ``--device cpu`` ranks run on gloo alone even on
+    a host with fewer GPUs than ranks. The group's timeout, ``timeout()``, bounds its collectives
+    (the NCCL watchdog), the c10d store and ``barrier``; set LPLD_DIST_TIMEOUT (seconds) to change it.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         wait = timeout()
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        # gloo serves CPU tensors (--device cpu, CPU-side reductions) even when CUDA is present.
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo", timeout=wait)
+        target = device(requested)
+        backend = "gloo"
+        if target.type == "cuda":
+            count = torch.cuda.device_count()
+            if target.index >= count:
+                raise UserError(f"this rank computes on {target}, but the host has {count} CUDA device(s): start "
+                                f"torchrun with --nproc-per-node {count} or fewer, or pass --device cpu")
+            torch.cuda.set_device(target)
+            backend = "cpu:gloo,cuda:nccl"  # gloo still serves CPU tensors (CPU-side reductions)
+        dist.init_process_group(backend, timeout=wait)
     return rank(), world_size()
 
 
@@ -124,10 +132,15 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
             dist.broadcast(buffer, src=0)
 
 
-def device(requested: str | None = None) -> torch.device:
-    """The device this process computes on: ``requested``, else this rank's GPU, else the CPU."""
-    if requested and requested != "cuda":
-        return torch.device(requested)
-    if requested == "cuda" or torch.cuda.is_available():
+def device(requested: str | torch.device | None = None) -> torch.device:
+    """The device this process computes on: ``requested``, else this rank's GPU, else the CPU.
+
+    A CUDA device without an index ("cuda") means this rank's GPU (LOCAL_RANK), so the result can
+    always be made current (``torch.cuda.set_device`` refuses a device without an index).
+    """
+    if requested is None:
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    requested = torch.device(requested)
+    if requested.type == "cuda" and requested.index is None:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    return requested

@@ -78,7 +78,7 @@ def load_network(path: str | Path, device: torch.device | str = "cpu") -> nn.Mod
 def _command(args: argparse.Namespace) -> None:
     recipe = recipe_from_args(args)
     workdir = WorkDir.for_recipe(args.workdir, recipe.name)
-    distributed.init()
+    distributed.init(args.device)
     device = distributed.device(args.device)
     if args.weights:
         path = Path(args.weights)

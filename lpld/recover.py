@@ -265,8 +265,8 @@ def recover(recipe: Recipe, workdir: WorkDir, device=None, options: Options = Op
     plus manifest.json, and the image bank once complete), skipping jobs an earlier run finished;
     ranks of torchrun share the jobs."""
     check_recipe(recipe)
-    rank, world = distributed.init()
-    device = distributed.device(None if device is None else str(device))
+    rank, world = distributed.init(device)
+    device = distributed.device(device)
     teacher = models.load_teacher(workdir.teacher, recipe, device)
     teacher_fingerprint = models.model_fingerprint(teacher)
     targets, stats_fingerprint = load_targets(recipe, workdir, teacher, teacher_fingerprint, device)

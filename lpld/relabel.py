@@ -156,6 +156,13 @@ class _StoreFeed:
             self.ends.popleft()
 
 
+def thread_initializer(device: torch.device | str):
+    """What a helper thread runs first to work on ``device``: a thread's current CUDA device is its
+    own, so the thread preparing relabel's batches must be put on the teacher's GPU (by index)."""
+    device = distributed.device(device)
+    return functools.partial(torch.cuda.set_device, device) if device.type == "cuda" else None
+
+
 def generate(teacher: nn.Module, images: torch.Tensor, out: str | Path, header: dict,
              ids: np.ndarray | None = None, device: torch.device | str = "cpu", records_per_forward: int = 1) -> Path:
     """Write the records ``ids`` (default: all E * nb) into the store ``out``; resumes if present.
@@ -168,7 +175,7 @@ def generate(teacher: nn.Module, images: torch.Tensor, out: str | Path, header: 
     """
     if records_per_forward < 1:
         raise UserError(f"records_per_forward={records_per_forward}: stack at least one record per forward")
-    nb, batch_size, device = header["batches_per_epoch"], header["batch_size"], torch.device(device)
+    nb, batch_size, device = header["batches_per_epoch"], header["batch_size"], distributed.device(device)
     ids = np.arange(header["epochs"] * nb, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
     rank, world = distributed.rank(), distributed.world_size()
     writer = LabelStoreWriter(out, header, ids) if rank == 0 else None
@@ -193,9 +200,7 @@ def generate(teacher: nn.Module, images: torch.Tensor, out: str | Path, header: 
     teacher.eval()
     feed = _StoreFeed(writer, rows_per_epoch, batch_size)
     bar = tqdm(total=len(work) * batch_size, unit="img", desc="relabel", disable=not distributed.is_main())
-    # the preparing thread works on the teacher's GPU (a thread's current device is its own)
-    on_device = functools.partial(torch.cuda.set_device, device) if device.type == "cuda" else None
-    with torch.inference_mode(), ThreadPoolExecutor(max_workers=1, initializer=on_device) as pool:
+    with torch.inference_mode(), ThreadPoolExecutor(max_workers=1, initializer=thread_initializer(device)) as pool:
         upcoming = pool.submit(prepare, chunks[0]) if chunks else None
         for k in range(len(chunks)):
             rows, records, batch = upcoming.result()
@@ -228,7 +233,8 @@ def relabel(recipe: Recipe, workdir: WorkDir, device: torch.device | str, only_k
     from . import bank, models, prune
 
     start = time.perf_counter()
-    distributed.init()
+    distributed.init(device)
+    device = distributed.device(device)
     distilled = bank.open(workdir.distilled, recipe.data.channels)
     teacher = models.load_teacher(workdir.teacher, recipe, device)
     header = label_header(recipe, distilled.images, distilled.fingerprint, models.model_fingerprint(teacher), codec)

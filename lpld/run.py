@@ -47,8 +47,8 @@ def run(recipe: Recipe, workdir: WorkDir, device: torch.device | str | None = No
     from . import evaluate, labels, prune, recover, relabel, report, squeeze, stats, train
 
     wall_start = time.perf_counter()
-    distributed.init()
-    device = distributed.device(None if device is None else str(device))
+    distributed.init(device)
+    device = distributed.device(device)
     ratio = recipe.prune.ratio
     pruned = prune.pruned_path(workdir, ratio)
     store_done = {path: (lambda path=path: (path / "meta.json").is_file()) for path in (workdir.labels, pruned)}

@@ -30,8 +30,8 @@ CHECKPOINT = "squeeze-checkpoint.pt"
 
 def squeeze(recipe: Recipe, workdir: WorkDir, device: torch.device | str, weights: str | None = None) -> dict:
     """Write the teacher unless it exists; return its metadata (with ``val_top1``)."""
-    distributed.init()
-    device = torch.device(device)
+    distributed.init(device)
+    device = distributed.device(device)
     weights = weights or recipe.model.weights
     if workdir.teacher.is_file():
         meta = read_teacher_meta(workdir.teacher)

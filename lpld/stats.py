@@ -303,8 +303,8 @@ def batches_done(checkpoint: Path) -> int:
 
 def stats(recipe, workdir: WorkDir, device: torch.device | str) -> ClassBNStats:
     """``lpld stats``: the pass over the real training split with RRC(crop_scale) + flip + normalise."""
-    distributed.init()
-    device = torch.device(device)
+    distributed.init(device)
+    device = distributed.device(device)
     cfg = recipe.stats
     if workdir.stats.is_file():
         if distributed.is_main():

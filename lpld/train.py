@@ -258,7 +258,7 @@ def train(recipe: Recipe, workdir: WorkDir, labels_path: str | Path, name: str, 
     from . import bank, evaluate, labels, models
 
     wall_start = time.perf_counter()
-    rank, world = distributed.init()
+    rank, world = distributed.init(device)
     device = distributed.device(device)
     config = recipe.train
     if config.val_interval < 1:

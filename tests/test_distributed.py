@@ -24,8 +24,60 @@ from test_labels import write_store
 def test_bare_cuda_means_this_ranks_gpu(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert distributed.device("cuda") == torch.device("cuda", 3)
+    assert distributed.device(torch.device("cuda")) == torch.device("cuda", 3)  # what Python callers pass
     assert distributed.device("cuda:1") == torch.device("cuda", 1)
-    assert distributed.device("cpu") == torch.device("cpu")
+    assert distributed.device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert distributed.device("cpu") == distributed.device(torch.device("cpu")) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert distributed.device(None) == torch.device("cuda", 3)
+
+
+def _init_with_fewer_gpus_than_ranks(rank, folder, port):
+    """One torchrun-like rank on a host whose CUDA reports a single device: ``init("cpu")`` must not
+    touch CUDA (set_device(1) is "invalid device ordinal" there), and must join a gloo group."""
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    touched = []
+
+    def set_device(device):
+        touched.append(str(device))
+        raise RuntimeError("CUDA error: invalid device ordinal")
+
+    torch.cuda.is_available, torch.cuda.device_count, torch.cuda.set_device = (lambda: True), (lambda: 1), set_device
+    outcome = {}
+    try:
+        outcome["ranks"] = distributed.init("cpu")
+        outcome["backend"] = str(dist.get_backend())
+        outcome["sum"] = distributed.all_reduce_sum(torch.tensor([rank + 1.0])).item()
+        dist.destroy_process_group()
+        if rank == 1:  # asked for its GPU, the rank the host lacks gets a message, not a CUDA error
+            try:
+                distributed.init(None)
+                outcome["gpu"] = "joined"
+            except UserError as error:
+                outcome["gpu"] = str(error)
+    except Exception as error:  # reported to the parent: the test's assertion shows it
+        outcome["error"] = repr(error)
+    outcome["touched"] = touched
+    (Path(folder) / f"rank{rank}.json").write_text(json.dumps(outcome))
+
+
+def test_init_on_the_cpu_ignores_a_host_with_fewer_gpus_than_ranks(tmp_path):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_init_with_fewer_gpus_than_ranks, args=(str(tmp_path), port), nprocs=2)
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for rank, outcome in enumerate(ranks):
+        assert "error" not in outcome, outcome
+        assert outcome["ranks"] == [rank, 2] and outcome["backend"] == "gloo" and outcome["sum"] == 3.0
+    assert ranks[0]["touched"] == [] and ranks[1]["touched"] == []
+    assert "has 1 CUDA device(s)" in ranks[1]["gpu"] and "--device cpu" in ranks[1]["gpu"]
 
 
 def test_single_process_is_rank_zero_of_one():

@@ -185,6 +185,22 @@ def test_generate_only_kept_equals_pruning_a_full_store(tmp_path, images, pool):
     _same_store(pruned, tmp_path / "kept")
 
 
+def test_the_preparing_thread_is_put_on_an_indexed_gpu(monkeypatch):
+    """The thread replaying the next forward's records starts on the teacher's GPU: a bare "cuda"
+    (what Python callers and tests pass) becomes this rank's index, which set_device requires."""
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    made_current = []
+
+    def set_device(device):  # torch.cuda.set_device's own check, without a GPU behind it
+        made_current.append(torch.cuda._utils._get_device_index(device, optional=False))
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    for device in (torch.device("cuda"), "cuda", "cuda:1"):
+        relabel.thread_initializer(device)()
+    assert made_current == [1, 1, 1]
+    assert relabel.thread_initializer("cpu") is None
+
+
 def test_too_few_images_for_one_batch_is_refused(images):
     with pytest.raises(UserError, match="cannot fill one batch"):
         relabel.label_header(_recipe(batch_size=24), images, "d", "t")
