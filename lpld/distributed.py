@@ -123,6 +123,16 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``tensor`` stacked along dim 0 in rank order, one collective (no barrier: callers
+    reach it in lockstep). torch 2.14 renamed ``all_gather_into_tensor`` to ``all_gather_single``;
+    both ends of the supported range have one of them."""
+    out = tensor.new_empty((world_size() * tensor.shape[0], *tensor.shape[1:]))
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, tensor.contiguous())
+    return out
+
+
 def broadcast_buffers(module: torch.nn.Module) -> None:
     """Give every rank rank 0's buffers (BN running statistics drift apart under DDP after the last
     step), so that a sharded evaluation scores one model: the one rank 0 saves."""

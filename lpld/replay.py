@@ -11,20 +11,23 @@ Two interchangeable back ends produce the same ``ReplayBatch`` for the same reco
 
 * ``torch``: ``lpld.augment.replay``, the very function relabel ran before the teacher.
 * ``dali``: a DALI pipeline fed per record by ``fn.external_source``: ``fn.slice`` (the stored
-  integer box) -> ``fn.resize`` (linear, no antialias, float) -> ``fn.flip`` -> ``fn.erase``
+  integer box, of the uint8 pixels) -> float -> ``fn.resize`` (linear, no antialias, float) -> ``fn.flip`` -> ``fn.erase``
   (cutout) -> ``fn.multi_paste`` (CutMix: sample i pastes the stored box of sample perm[i] over
   itself; a pure copy, so it reproduces CutMix exactly, empty boxes included) -> normalize. It runs on the GPU, or on the CPU with ``device_id=None``.
   The float resize agrees with torch's to about one float32 rounding step (tests/test_replay.py).
 """
 from __future__ import annotations
 
+import importlib.util
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from . import augment
+from . import augment, distributed
 from .errors import UserError
 
 
@@ -123,7 +126,7 @@ class DaliLoader:
                  mean: Sequence[float], std: Sequence[float], device: torch.device, threads: int = 2):
         try:
             from nvidia.dali.plugin.pytorch import DALIGenericIterator  # noqa: F401
-        except ImportError as error:  # pragma: no cover - DALI is a pinned dependency
+        except ImportError as error:
             raise UserError(f"the DALI loader needs nvidia-dali ({error}); install it or pass --loader torch") from None
         self.store, self.sampler = store, sampler
         # The bank's own [N, H, W, C] memory, not a copy; each batch below is gathered into a new array.
@@ -134,13 +137,26 @@ class DaliLoader:
         self.has_cutout, self.has_mix = store.meta["flip"] == "cutout", store.meta["mix"] == "cutmix"
         self._iterator = None
         self._next_epoch, self._exhausted = None, False
+        self._gatherer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dali-gather")
+        self._ahead: dict[tuple[int, int], Future] = {}
 
     def _batch(self, info) -> tuple[np.ndarray, ...]:
-        """The external-source inputs of DALI batch ``info`` (a ``BatchInfo``); StopIteration past the end."""
-        ids = self.sampler.records(self._first_epoch + info.epoch_idx)
-        if info.iteration >= len(ids):
+        """The external-source inputs of DALI batch ``info`` (a ``BatchInfo``); StopIteration past the end.
+
+        DALI calls this in the training thread; the gather from the bank runs in a helper thread one
+        batch ahead, so the training thread only collects it."""
+        epoch, iteration = self._first_epoch + info.epoch_idx, info.iteration
+        ahead = self._ahead.pop((epoch, iteration), None)
+        inputs = ahead.result() if ahead is not None else self._gather(epoch, iteration)
+        if iteration + 1 < len(self.sampler.records(epoch)):
+            self._ahead[(epoch, iteration + 1)] = self._gatherer.submit(self._gather, epoch, iteration + 1)
+        return inputs
+
+    def _gather(self, epoch: int, iteration: int) -> tuple[np.ndarray, ...]:
+        ids = self.sampler.records(epoch)
+        if iteration >= len(ids):
             raise StopIteration
-        g = ids[info.iteration]
+        g = ids[iteration]
         record = self.store.record(g)
         n = len(record.img_idx)
         crop = np.asarray(record.crop, dtype=np.int32)
@@ -172,6 +188,7 @@ class DaliLoader:
 
         gpu = self.device.type == "cuda"
         self._first_epoch = first_epoch
+        self._ahead.clear()
         dtypes = [types.UINT8, types.INT32, types.INT32, types.INT32, types.FLOAT16, types.INT64]
         ndims = [3, 1, 1, 0, 1, 0]
         if self.has_cutout:
@@ -188,8 +205,8 @@ class DaliLoader:
             rest = list(inputs[6:])
             if gpu:
                 images, logits = images.gpu(), logits.gpu()
-            x = fn.cast(images, dtype=types.FLOAT) / 255.0
-            x = fn.slice(x, anchor, shape, axis_names="HW")
+            x = fn.slice(images, anchor, shape, axis_names="HW")  # slicing uint8 copies 4x fewer bytes
+            x = fn.cast(x, dtype=types.FLOAT) / 255.0
             x = fn.resize(x, size=[self.size, self.size], interp_type=types.INTERP_LINEAR,
                           antialias=False, dtype=types.FLOAT)
             x = fn.flip(x, horizontal=flip)
@@ -225,10 +242,23 @@ class DaliLoader:
         self._exhausted = True
 
 
+def dali_available() -> bool:
+    """nvidia-dali is a dependency of the default install, but lpld runs without it (the torch replay)."""
+    return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+
+
 def resolve_loader(kind: str, device: torch.device) -> str:
-    """``auto`` means DALI on a GPU and torch on the CPU (recipe.train.loader)."""
+    """``auto`` means DALI on a GPU and torch on the CPU (recipe.train.loader); on a GPU without
+    nvidia-dali installed it says so in one line and replays with torch."""
     if kind == "auto":
-        return "dali" if torch.device(device).type == "cuda" else "torch"
+        if torch.device(device).type != "cuda":
+            return "torch"
+        if dali_available():
+            return "dali"
+        if distributed.is_main():
+            print("train: nvidia-dali is not installed, so --loader auto replays with torch on the GPU "
+                  "(pip install nvidia-dali-cuda130 for the DALI loader)", file=sys.stderr)
+        return "torch"
     if kind not in ("dali", "torch"):
         raise UserError(f"unknown loader {kind!r}; use auto, dali or torch")
     return kind

@@ -35,7 +35,6 @@ from pathlib import Path
 import safetensors
 import safetensors.torch
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
@@ -219,8 +218,7 @@ def _gather_batch(labels: torch.Tensor, moments: dict, max_batch: int) -> tuple[
     Ranks may hold batches of different sizes: each pads its rows to ``max_batch``, a size every
     rank knows without asking, and padding rows carry weight 0 (so no rank reads sizes back).
     """
-    world = distributed.world_size()
-    if world == 1:
+    if distributed.world_size() == 1:
         return labels, moments, None
     if len(labels) > max_batch:
         raise UserError(f"a batch of {len(labels)} images exceeds max_batch={max_batch}, the padded size of the "
@@ -230,8 +228,7 @@ def _gather_batch(labels: torch.Tensor, moments: dict, max_batch: int) -> tuple[
                       + [labels[:, None].float(), torch.ones_like(labels[:, None], dtype=torch.float32)], dim=1)
     padded = local.new_zeros((max_batch, local.shape[1]))
     padded[:len(local)] = local
-    gathered = torch.empty((world * max_batch, local.shape[1]), dtype=local.dtype, device=local.device)
-    dist.all_gather_single(gathered, padded)
+    gathered = distributed.all_gather_rows(padded)
     out, start = {}, 0
     for name in names:
         width = moments[name][0].shape[1]

@@ -171,23 +171,23 @@ def _stacked(folder: Path, files: list[str]) -> torch.Tensor:
     return torch.stack([decode_image(str(folder / f), mode=ImageReadMode.RGB) for f in files])
 
 
+@pytest.mark.parametrize("kind", ["torch", pytest.param("dali", marks=pytest.mark.dali)])
 @pytest.mark.parametrize("mix,flip", [("cutmix", "flip"), ("none", "cutout")])
-def test_loaders_reading_the_bank_yield_the_batches_of_an_in_memory_tensor(tmp_path, mix, flip):
+def test_loaders_reading_the_bank_yield_the_batches_of_an_in_memory_tensor(tmp_path, mix, flip, kind):
     write_folder(tmp_path / "distilled", random_images(n=10, channels=3, side=16, seed=3), classes=2)
     distilled = bank.open(tmp_path / "distilled", 3)
     in_memory = _stacked(tmp_path / "distilled", distilled.files)
     assert not distilled.images.is_contiguous() and in_memory.is_contiguous()
     store, _ = make_store(tmp_path / "labels", in_memory, mix=mix, flip=flip)
     sampler = replay.PlanSampler(plan_of(store))
-    for kind in ("torch", "dali"):
-        from_bank, from_memory = (replay.make_loader(kind, store, images, sampler, 12, MEAN, STD, torch.device("cpu"),
-                                                     workers=1) for images in (distilled.images, in_memory))
-        for epoch in (0, 1):
-            sampler.set_epoch(epoch)
-            pairs = list(zip(from_bank, from_memory, strict=True))
-            assert [a.record for a, _ in pairs] == sampler.records(epoch)
-            for a, b in pairs:
-                assert a.record == b.record and torch.equal(a.images, b.images) and torch.equal(a.logits, b.logits)
+    from_bank, from_memory = (replay.make_loader(kind, store, images, sampler, 12, MEAN, STD, torch.device("cpu"),
+                                                 workers=1) for images in (distilled.images, in_memory))
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        pairs = list(zip(from_bank, from_memory, strict=True))
+        assert [a.record for a, _ in pairs] == sampler.records(epoch)
+        for a, b in pairs:
+            assert a.record == b.record and torch.equal(a.images, b.images) and torch.equal(a.logits, b.logits)
 
 
 def test_a_store_labelled_before_the_bank_is_refused_with_a_relabel_message(tmp_path):

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
 
 
+@pytest.mark.dali
 def test_dali_gpu_replay_equals_the_torch_replay(tmp_path):
     """fn.multi_paste (CutMix), fn.erase (Cutout) and the resize on the GPU against the torch replay."""
     for mix, flip in (("cutmix", "flip"), ("none", "cutout")):

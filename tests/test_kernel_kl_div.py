@@ -82,7 +82,7 @@ def test_class_counts_of_the_recipes(rows, classes, programs):
 
 def test_small_batches_slice_k_to_fill_a_gpu():
     """IN-21K's N = 32, K = 10,450 on an H100 (528 programs wanted): K in 6 slices of 2048."""
-    assert kl_div.launch_config(32, 10450, 528) == (6, 2048, 2048, 8)
+    assert kl_div.launch_config(32, 10450, 528) == (6, 2048, 2048, 16)
     assert kl_div.launch_config(128, 1000, 528)[0] == 1  # IN-1K: rows alone are enough per slice rule
     assert kl_div.launch_config(32, 10450, 1)[0] == 1  # the interpreter: one slice
 

@@ -1,4 +1,6 @@
 """Replay: the DALI and torch back ends rebuild relabel's batch for record g; sampler/DataLoader order."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -62,6 +64,7 @@ def plan_of(store, seed=7):
     return lambda epoch: np.random.default_rng([seed, epoch]).choice(ids, size=store.batches_per_epoch).tolist()
 
 
+@pytest.mark.dali
 @pytest.mark.parametrize("mix,flip,channels", [("cutmix", "flip", 3), ("cutmix", "cutout", 3), ("none", "flip", 1)])
 def test_dali_and_torch_replay_rebuild_relabels_batch(tmp_path, mix, flip, channels):
     images = random_images(channels=channels)
@@ -112,6 +115,24 @@ def test_dataloader_yields_the_plan_in_order_with_persistent_workers(tmp_path):
         workers = pids
 
 
+@pytest.mark.dali
+def test_dali_batches_are_gathered_one_ahead_in_a_helper_thread(tmp_path):
+    """The external source hands out what ``_gather`` makes for (epoch, iteration), prepared while the
+    previous batch trains; past the epoch's last record it stops."""
+    images = random_images()
+    store, _ = make_store(tmp_path / "labels", images, mix="cutmix", flip="flip", size=12)
+    sampler = replay.PlanSampler(plan_of(store), epoch=3)
+    loader = replay.DaliLoader(store, images, sampler, 12, MEAN, STD, torch.device("cpu"))
+    loader._first_epoch = 3  # as _build sets it for a pipeline started at epoch 3
+    count = len(sampler.records(3))
+    for k in range(count):
+        batch = loader._batch(SimpleNamespace(epoch_idx=0, iteration=k))
+        assert [np.array_equal(a, b) for a, b in zip(batch, loader._gather(3, k))] == [True] * len(batch)
+        assert list(loader._ahead) == ([(3, k + 1)] if k + 1 < count else [])
+    with pytest.raises(StopIteration):
+        loader._batch(SimpleNamespace(epoch_idx=0, iteration=count))
+
+
 def test_sampler_splits_ranks_and_keeps_its_epoch_in_state():
     plan = lambda epoch: list(range(10 * epoch, 10 * epoch + 7))  # noqa: E731
     ranks = [replay.PlanSampler(plan, epoch=2, rank=r, world_size=3) for r in range(3)]
@@ -122,8 +143,15 @@ def test_sampler_splits_ranks_and_keeps_its_epoch_in_state():
     assert restored.epoch == 2 and list(restored) == plan(2)
 
 
-def test_loader_choice():
+def test_loader_choice(monkeypatch, capsys):
     assert replay.resolve_loader("auto", torch.device("cpu")) == "torch"
+    monkeypatch.setattr(replay, "dali_available", lambda: True)
     assert replay.resolve_loader("auto", torch.device("cuda", 0)) == "dali"
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(replay, "dali_available", lambda: False)  # a GPU machine without DALI
+    assert replay.resolve_loader("auto", torch.device("cuda", 0)) == "torch"
+    notice = capsys.readouterr().err
+    assert notice.count("\n") == 1 and "nvidia-dali is not installed" in notice and "replays with torch" in notice
+    assert replay.resolve_loader("dali", torch.device("cuda", 0)) == "dali"  # asked for: DaliLoader says what to do
     with pytest.raises(replay.UserError, match="unknown loader"):
         replay.resolve_loader("pil", torch.device("cpu"))

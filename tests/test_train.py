@@ -176,6 +176,7 @@ def test_resume_continues_exactly(tmp_path):
         training.train(recipe.with_overrides(["train.val_interval=0"]), workdir, store, "zero", "cpu")
 
 
+@pytest.mark.dali
 def test_dali_replay_trains_like_torch_replay(tmp_path):
     # SGD: the update is linear in the gradient, so the loaders' ~1e-6 pixel differences stay small
     # (AdamW divides by sqrt(v) and magnifies them for parameters with tiny gradients).
