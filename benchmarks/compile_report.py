@@ -64,6 +64,11 @@ def _recorder(launches: list):
     return record
 
 
+def _at_element(x: torch.Tensor, start: int) -> torch.Tensor:
+    """``x``'s shape and strides in memory that begins ``start`` elements past an aligned allocation."""
+    return torch.empty(x.numel() + start, dtype=x.dtype)[start:].as_strided(x.shape, x.stride())
+
+
 def _type_of(value) -> str:
     if isinstance(value, torch.Tensor):
         return "*" + _TYPES[value.dtype]
@@ -84,21 +89,23 @@ def launched_variants(archs=ARCHS) -> list[dict]:
     why: dict = {}
     for recipe, shape in recipe_shapes().items():
         for use, dtypes in BN_DTYPES.items():
-            for dtype in dtypes:
-                for channels_last in (False, True):
-                    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-                    xs = [torch.empty(1, c, hw, 1, dtype=dtype).contiguous(memory_format=memory_format)
-                          for c, hw in shape["bn"]]
-                    groups = torch.zeros(1, dtype=torch.int64)
-                    table = torch.zeros(2, sum(c for c, _ in shape["bn"]))
-                    before = len(launches)
-                    with kernels_replaced(bn_match, _recorder(launches)):
-                        for rows, rms in itertools.product((torch.zeros(1, dtype=torch.int64), None), (False, True)):
-                            outputs = bn_match._triton_forward(xs, groups, table, table, rows, [1.0] * len(xs), rms)
-                            bn_match._triton_backward(torch.ones(()), xs, groups, *outputs[1:], [1.0] * len(xs), rms)
-                    layout = "channels_last" if channels_last else "NCHW"
-                    for launch in launches[before:]:
-                        why.setdefault(_key(launch), set()).add(f"BN {recipe} {_TYPES[dtype]} {layout} ({use})")
+            for dtype, channels_last, start in itertools.product(dtypes, (False, True), (0, 1)):
+                if start and dtype != torch.float32:
+                    continue  # one dtype shows the variant for inputs off a vector boundary (a drop-in's views)
+                memory_format = torch.channels_last if channels_last else torch.contiguous_format
+                xs = [_at_element(torch.empty(1, c, hw, 1, dtype=dtype).contiguous(memory_format=memory_format), start)
+                      for c, hw in shape["bn"]]
+                groups = torch.zeros(1, dtype=torch.int64)
+                table = torch.zeros(2, sum(c for c, _ in shape["bn"]))
+                before = len(launches)
+                with kernels_replaced(bn_match, _recorder(launches)):
+                    for rows, rms in itertools.product((torch.zeros(1, dtype=torch.int64), None), (False, True)):
+                        outputs = bn_match._triton_forward(xs, groups, table, table, rows, [1.0] * len(xs), rms)
+                        bn_match._triton_backward(torch.ones(()), xs, groups, *outputs[1:], [1.0] * len(xs), rms)
+                layout = "channels_last" if channels_last else "NCHW"
+                for launch in launches[before:]:
+                    why.setdefault(_key(launch), set()).add(
+                        f"BN {recipe} {_TYPES[dtype]} {layout}{' off a vector boundary' if start else ''} ({use})")
         rows, classes = shape["logits"]
         for student_dtype, teacher_dtype in KL_DTYPES:
             for arch in archs:
@@ -143,8 +150,13 @@ def compile_variant(variant: dict, arch: int) -> dict:
         usage = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", cubin.name],
                                capture_output=True, text=True, check=True).stdout
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    ptx = compiled.asm["ptx"]
     return {"registers": int(fields["REG"]), "spill_bytes": int(fields["LOCAL"]) + int(fields["STACK"]),
-            "shared_bytes": int(fields["SHARED"]), "seconds": round(time.perf_counter() - start, 2)}
+            "shared_bytes": int(fields["SHARED"]),
+            # global loads / stores of 2-4 elements per instruction (ld.global.v4.b32 ...), in the PTX
+            "vector_loads": len(re.findall(r"\bld\.global(?:\.[a-z0-9]+)*\.v[248]\.", ptx)),
+            "vector_stores": len(re.findall(r"\bst\.global(?:\.[a-z0-9]+)*\.v[248]\.", ptx)),
+            "seconds": round(time.perf_counter() - start, 2)}
 
 
 def report(archs=ARCHS) -> dict:

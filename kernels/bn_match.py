@@ -10,19 +10,26 @@ samples of group g and over H, W:
 
 (plain, unsquared L2 norms over channels; s_l = 1, or 1/sqrt(C_l) with ``rms=True``).
 
-All layers of a step go through three Triton launches, whatever their number (an offset table
+All layers of a step go through four Triton launches, whatever their number (an offset table
 over layers, a tile table over (layer, sample, channel block, HW chunk), and a table of the
 layers' data pointers; each layer is read where it lies):
 
 1. ``_moments_kernel``: per tile, the channel means and sums of squared deviations of one
    (sample, HW chunk); x is read once.
-2. ``_merge_kernel``: per (group, layer), Chan's merge of its samples' tiles into group moments
-   (with a large common offset such as 1000 + noise the variance keeps float32's precision of the
-   mean, where sums of squares would lose it entirely), then the distances, norms and the group's
-   weighted loss term; the loss is the sum of those terms.
-3. ``_backward_kernel``: every layer's dx = a[g, c] + b[g, c] * (x - mu[g, c]), with
+2. ``_merge_kernel``: per (group, layer, block of channels), Chan's merge of the group's samples'
+   tiles into group moments (with a large common offset such as 1000 + noise the variance keeps
+   float32's precision of the mean, where sums of squares would lose it entirely), the differences
+   to the targets and their squares summed over the block. A group whose samples are contiguous
+   (recover's layout) reads only those; any other layout is scanned sample by sample.
+3. ``_finish_kernel``: one program turns the blocks' sums (in block order: deterministic) into the
+   norms and the weighted loss.
+4. ``_backward_kernel``: every layer's dx = a[g, c] + b[g, c] * (x - mu[g, c]), with
    a = w s (mu - t_mu) / (n ||.||) and b = 2 w s (var - t_var) / (n ||.||); x is read once more.
 
+The pointers come from a table, so the compiler cannot see their alignment: when every pointer
+starts on a 16-byte boundary (checked on the host) the aligned variant (``VEC`` > 1) declares it,
+and a layer whose fast axis (HW in NCHW, C in channels_last) is a multiple of a vector takes a
+path the compiler reads and writes in 16-byte vectors; the other layers take the plain path.
 Both passes accumulate in float32 whatever x's dtype. The op is a ``torch.library`` custom op
 (``lpld::class_bn_loss``, with a fake implementation and registered autograd), so a compiled
 model calls it without a graph break; its plain PyTorch backend computes the same outputs with
@@ -40,56 +47,79 @@ import triton.language as tl
 from . import _dispatch
 
 MAX_TILE = 2048  # elements of x one program holds per loop step
-MAX_MERGE_BLOCK = 256  # channels one merge program holds per loop step
+MERGE_BLOCK_C = 64  # channels per merge program
+FINISH_BLOCK = 1024  # (layer, group) entries the finishing program handles per loop step
 GPU_TILE_ELEMENTS = 16384  # elements of x per program on a GPU: ~10^4 programs for ResNet-18 at 224 px
-LAYER_FIELDS = tl.constexpr(6)  # per layer: C, HW, chunk, chunks, partial offset, statistics offset
+VECTOR_BYTES = 16  # one vector load or store
+# per layer: C, HW, chunk, chunks, partial offset, statistics offset, and whether its fast axis (HW in
+# NCHW, C in channels_last) is a multiple of a vector, so the aligned variant may read it in vectors
+LAYER_FIELDS = tl.constexpr(7)
 
 
 @triton.jit
 def _layer_row(layers_ptr, layer):
     row = layers_ptr + layer * LAYER_FIELDS
     return (tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4),
-            tl.load(row + 5))
+            tl.load(row + 5), tl.load(row + 6))
 
 
 @triton.jit
-def _tile(tiles_ptr, inputs_ptr, layers_ptr, DTYPE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-          BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """This program's tile: layer fields, sample, channels, HW range and the offsets into x."""
+def _tile(tiles_ptr, layers_ptr, BLOCK_C: tl.constexpr):
+    """This program's tile: layer fields, sample, channels and HW range."""
     tile = tiles_ptr + tl.program_id(0) * 4
     layer = tl.load(tile)
     b = tl.load(tile + 1).to(tl.int64)
     channels = tl.load(tile + 2) * BLOCK_C + tl.arange(0, BLOCK_C)
     chunk_id = tl.load(tile + 3)
-    C, HW, chunk, chunks, partial_offset, stat_offset = _layer_row(layers_ptr, layer)
-    x = tl.load(inputs_ptr + layer).to(tl.pointer_type(DTYPE)) + b * C * HW
+    C, HW, chunk, chunks, partial_offset, stat_offset, aligned = _layer_row(layers_ptr, layer)
     hw_begin = chunk_id * chunk
-    hw_end = tl.minimum(hw_begin + chunk, HW)
-    if CHANNELS_LAST:
-        channel_offsets = channels[:, None]
-        hw_stride = C
-    else:
-        channel_offsets = channels[:, None] * HW
-        hw_stride = 1
-    return (layer, b, channels, chunk_id, C, HW, chunks, partial_offset, stat_offset, x, hw_begin, hw_end,
-            channel_offsets, hw_stride)
+    return layer, b, channels, chunk_id, C, HW, chunk, chunks, partial_offset, stat_offset, aligned, hw_begin
 
 
 @triton.jit
-def _moments_kernel(
-    tiles_ptr, layers_ptr, inputs_ptr, mean_ptr, m2_ptr,
-    DTYPE: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-):
-    """Mean and sum of squared deviations per channel of one tile (sample, channel block, HW chunk)."""
-    (layer, b, channels, chunk_id, C, HW, chunks, partial_offset, stat_offset, x, hw_begin, hw_end,
-     channel_offsets, hw_stride) = _tile(tiles_ptr, inputs_ptr, layers_ptr, DTYPE, CHANNELS_LAST, BLOCK_C, BLOCK_HW)
-    channel_mask = channels < C
+def _sample(table_ptr, layer, b, C, HW, DTYPE: tl.constexpr, VEC: tl.constexpr):
+    """Sample b of the layer's tensor whose data pointer is ``table_ptr[layer]``."""
+    x = tl.load(table_ptr + layer).to(tl.pointer_type(DTYPE)) + b * C * HW
+    if VEC > 1:
+        x = tl.multiple_of(x, 16)  # the host checked every pointer; C * HW is a multiple of VEC
+    return x
+
+
+@triton.jit
+def _tile_step(channels, start, C, HW, hw_end, CHANNELS_LAST: tl.constexpr, BLOCK_HW: tl.constexpr,
+               VEC: tl.constexpr):
+    """Offsets into a sample and the mask of one [BLOCK_C, BLOCK_HW] step at HW position ``start``.
+
+    With VEC > 1 (an aligned layer: its fast axis and HW range are multiples of VEC) the offsets are
+    declared to run in aligned groups of VEC along the fast axis, and the mask constant over them,
+    which lets the compiler read and write 16-byte vectors. The hints sit on values made here: a
+    hint on a function argument is lost."""
+    hw = start + tl.arange(0, BLOCK_HW)
+    mask = (channels < C)[:, None] & (hw < hw_end)[None, :]
+    if CHANNELS_LAST:
+        offsets = channels[:, None] + hw[None, :] * C
+        if VEC > 1:
+            offsets = tl.max_contiguous(tl.multiple_of(offsets, [VEC, 1]), [VEC, 1])
+            mask = tl.max_constancy(mask, [VEC, 1])
+    else:
+        offsets = channels[:, None] * HW + hw[None, :]
+        if VEC > 1:
+            offsets = tl.max_contiguous(tl.multiple_of(offsets, [1, VEC]), [1, VEC])
+            mask = tl.max_constancy(mask, [1, VEC])
+    return offsets, mask
+
+
+@triton.jit
+def _sample_moments(inputs_ptr, layer, b, channels, C, HW, hw_begin, hw_end, DTYPE: tl.constexpr,
+                    CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, VEC: tl.constexpr):
+    """Channel means and sums of squared deviations of sample b over HW in [hw_begin, hw_end), merged
+    step by step."""
+    x = _sample(inputs_ptr, layer, b, C, HW, DTYPE, VEC)
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     for start in range(hw_begin, hw_end, BLOCK_HW):
-        hw = start + tl.arange(0, BLOCK_HW)
-        mask = channel_mask[:, None] & (hw < hw_end)[None, :]
-        values = tl.load(x + channel_offsets + hw[None, :] * hw_stride, mask=mask, other=0.0).to(tl.float32)
+        offsets, mask = _tile_step(channels, start, C, HW, hw_end, CHANNELS_LAST, BLOCK_HW, VEC)
+        values = tl.load(x + offsets, mask=mask, other=0.0).to(tl.float32)
         count = (start - hw_begin).to(tl.float32)  # positions merged so far
         tile_count = tl.minimum(hw_end - start, BLOCK_HW).to(tl.float32)
         tile_mean = tl.sum(values, axis=1) / tile_count
@@ -98,37 +128,71 @@ def _moments_kernel(
         delta = tile_mean - mean
         mean += delta * (tile_count / total)
         m2 += tl.sum(deviation * deviation, axis=1) + delta * delta * (count * tile_count / total)
+    return mean, m2
+
+
+@triton.jit
+def _moments_kernel(
+    tiles_ptr, layers_ptr, inputs_ptr, mean_ptr, m2_ptr,
+    DTYPE: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    VEC: tl.constexpr,
+):
+    """Mean and sum of squared deviations per channel of one tile (sample, channel block, HW chunk).
+
+    VEC > 1 is the aligned variant (every pointer 16-byte aligned): a layer whose fast axis is a
+    multiple of VEC takes the path the compiler may read in vectors, the others the plain one."""
+    (layer, b, channels, chunk_id, C, HW, chunk, chunks, partial_offset, stat_offset, aligned,
+     hw_begin) = _tile(tiles_ptr, layers_ptr, BLOCK_C)
+    hw_end = tl.minimum(hw_begin + chunk, HW)
+    if VEC > 1:
+        if aligned != 0:
+            mean, m2 = _sample_moments(inputs_ptr, layer, b, channels, C, HW, hw_begin, hw_end, DTYPE, CHANNELS_LAST,
+                                       BLOCK_C, BLOCK_HW, VEC)
+        else:
+            mean, m2 = _sample_moments(inputs_ptr, layer, b, channels, C, HW, hw_begin, hw_end, DTYPE, CHANNELS_LAST,
+                                       BLOCK_C, BLOCK_HW, 1)
+    else:
+        mean, m2 = _sample_moments(inputs_ptr, layer, b, channels, C, HW, hw_begin, hw_end, DTYPE, CHANNELS_LAST,
+                                   BLOCK_C, BLOCK_HW, 1)
     out = partial_offset + (b * chunks + chunk_id) * C + channels
-    tl.store(mean_ptr + out, mean, mask=channel_mask)
-    tl.store(m2_ptr + out, m2, mask=channel_mask)
+    tl.store(mean_ptr + out, mean, mask=channels < C)
+    tl.store(m2_ptr + out, m2, mask=channels < C)
+
+
+@triton.jit
+def _members(groups_ptr, g, B, BLOCK_B: tl.constexpr):
+    """The sample range [first, end) to scan for group g: its own samples when they are contiguous (as
+    recover lays them out), else the whole batch (the caller still checks each sample's group)."""
+    samples = tl.arange(0, BLOCK_B)
+    member = (tl.load(groups_ptr + samples, mask=samples < B, other=-1) == g) & (samples < B)
+    count = tl.sum(member.to(tl.int32), axis=0)
+    first = tl.min(tl.where(member, samples, BLOCK_B), axis=0)
+    last = tl.max(tl.where(member, samples, -1), axis=0)
+    contiguous = (last - first + 1 == count) | (count == 0)  # no member: first > last, an empty range
+    return tl.where(contiguous, first, 0), tl.where(contiguous, last + 1, B)
 
 
 @triton.jit
 def _merge_kernel(
     layers_ptr, partial_mean_ptr, partial_m2_ptr, groups_ptr, rows_ptr, target_mean_ptr, target_var_ptr,
-    weights_ptr, mean_ptr, diff_mean_ptr, diff_var_ptr, norms_ptr, elements_ptr, terms_ptr,
+    mean_ptr, diff_mean_ptr, diff_var_ptr, squares_ptr, elements_ptr,
     B, num_groups, total_channels, target_stride,
-    HAS_ROWS: tl.constexpr, RMS: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
-    """Group moments of one (group, layer) from its samples' tiles, then its norms and loss term."""
+    """Group moments of one (group, layer, channel block) by Chan's merge of its samples' tiles, the
+    differences to the targets, and the block's sums of squared differences."""
     g = tl.program_id(0)
     layer = tl.program_id(1)
-    C, HW, chunk, chunks, partial_offset, stat_offset = _layer_row(layers_ptr, layer)
-    if HAS_ROWS:
-        target_base = tl.load(rows_ptr + g).to(tl.int64) * target_stride + stat_offset
-    else:
-        target_base = g.to(tl.int64) * target_stride + stat_offset
-    out_base = g.to(tl.int64) * total_channels + stat_offset
-    square_mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    square_var = tl.zeros([BLOCK_C], dtype=tl.float32)
-    count = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for c_start in range(0, C, BLOCK_C):
-        channels = c_start + tl.arange(0, BLOCK_C)
+    block = tl.program_id(2)
+    C, HW, chunk, chunks, partial_offset, stat_offset, aligned = _layer_row(layers_ptr, layer)
+    if block * BLOCK_C < C:
+        channels = block * BLOCK_C + tl.arange(0, BLOCK_C)
         channel_mask = channels < C
         count = tl.zeros([BLOCK_C], dtype=tl.float32)
         mean = tl.zeros([BLOCK_C], dtype=tl.float32)
         m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for b in range(0, B):
+        first, end = _members(groups_ptr, g, B, BLOCK_B)
+        for b in range(first, end):
             if tl.load(groups_ptr + b) == g:
                 for chunk_id in range(0, chunks):
                     at = partial_offset + (b * chunks + chunk_id) * C + channels
@@ -141,26 +205,67 @@ def _merge_kernel(
                     m2 += part_m2 + delta * delta * (count * part_count / total)
                     count = total
         var = m2 / tl.maximum(count, 1.0)
+        if HAS_ROWS:
+            target_base = tl.load(rows_ptr + g).to(tl.int64) * target_stride + stat_offset
+        else:
+            target_base = g.to(tl.int64) * target_stride + stat_offset
         target_mean = tl.load(target_mean_ptr + target_base + channels, mask=channel_mask, other=0.0).to(tl.float32)
         target_var = tl.load(target_var_ptr + target_base + channels, mask=channel_mask, other=0.0).to(tl.float32)
         diff_mean = tl.where(channel_mask, mean - target_mean, 0.0)
         diff_var = tl.where(channel_mask, var - target_var, 0.0)
-        tl.store(mean_ptr + out_base + channels, mean, mask=channel_mask)
-        tl.store(diff_mean_ptr + out_base + channels, diff_mean, mask=channel_mask)
-        tl.store(diff_var_ptr + out_base + channels, diff_var, mask=channel_mask)
-        square_mean += diff_mean * diff_mean
-        square_var += diff_var * diff_var
-    norm_mean = tl.sqrt(tl.sum(square_mean, axis=0))
-    norm_var = tl.sqrt(tl.sum(square_var, axis=0))
-    elements = tl.max(count, axis=0)
-    scale = tl.load(weights_ptr + layer)
-    if RMS:
-        scale = scale / tl.sqrt(C.to(tl.float32))
-    at = layer * num_groups + g
-    tl.store(norms_ptr + 2 * at, norm_mean)
-    tl.store(norms_ptr + 2 * at + 1, norm_var)
-    tl.store(elements_ptr + at, elements)
-    tl.store(terms_ptr + at, tl.where(elements > 0, scale * (norm_mean + norm_var), 0.0))
+        out = g.to(tl.int64) * total_channels + stat_offset + channels
+        tl.store(mean_ptr + out, mean, mask=channel_mask)
+        tl.store(diff_mean_ptr + out, diff_mean, mask=channel_mask)
+        tl.store(diff_var_ptr + out, diff_var, mask=channel_mask)
+        at = (layer * num_groups + g) * tl.num_programs(2) + block
+        tl.store(squares_ptr + 2 * at, tl.sum(diff_mean * diff_mean, axis=0))
+        tl.store(squares_ptr + 2 * at + 1, tl.sum(diff_var * diff_var, axis=0))
+        if block == 0:
+            tl.store(elements_ptr + layer * num_groups + g, tl.max(count, axis=0))
+
+
+@triton.jit
+def _finish_kernel(
+    layers_ptr, squares_ptr, elements_ptr, weights_ptr, norms_ptr, loss_ptr, num_groups, entries,
+    RMS: tl.constexpr, BLOCKS: tl.constexpr, MERGE_C: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program: per (layer, group) the two norms from the blocks' sums of squares (in block order,
+    so the loss is deterministic), and the loss sum_l w_l s_l sum_g (norms) over groups with samples."""
+    loss = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, entries, BLOCK):
+        entry = start + tl.arange(0, BLOCK)
+        valid = entry < entries
+        layer = entry // num_groups
+        C = tl.load(layers_ptr + layer * LAYER_FIELDS, mask=valid, other=1)
+        square_mean = tl.zeros([BLOCK], dtype=tl.float32)
+        square_var = tl.zeros([BLOCK], dtype=tl.float32)
+        for block in range(0, BLOCKS):
+            at = entry * BLOCKS + block
+            present = valid & (block * MERGE_C < C)
+            square_mean += tl.load(squares_ptr + 2 * at, mask=present, other=0.0)
+            square_var += tl.load(squares_ptr + 2 * at + 1, mask=present, other=0.0)
+        norm_mean = tl.sqrt(square_mean)
+        norm_var = tl.sqrt(square_var)
+        tl.store(norms_ptr + 2 * entry, norm_mean, mask=valid)
+        tl.store(norms_ptr + 2 * entry + 1, norm_var, mask=valid)
+        scale = tl.load(weights_ptr + layer, mask=valid, other=0.0)
+        if RMS:
+            scale = scale / tl.sqrt(C.to(tl.float32))
+        elements = tl.load(elements_ptr + entry, mask=valid, other=0.0)
+        loss += tl.where(valid & (elements > 0), scale * (norm_mean + norm_var), 0.0)
+    tl.store(loss_ptr, tl.sum(loss, axis=0))
+
+
+@triton.jit
+def _sample_gradient(inputs_ptr, grads_ptr, layer, b, channels, C, HW, hw_begin, hw_end, mu, coef_mean, coef_var,
+                     DTYPE: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_HW: tl.constexpr, VEC: tl.constexpr):
+    """dx of sample b over HW in [hw_begin, hw_end)."""
+    x = _sample(inputs_ptr, layer, b, C, HW, DTYPE, VEC)
+    dx = _sample(grads_ptr, layer, b, C, HW, DTYPE, VEC)
+    for start in range(hw_begin, hw_end, BLOCK_HW):
+        offsets, mask = _tile_step(channels, start, C, HW, hw_end, CHANNELS_LAST, BLOCK_HW, VEC)
+        values = tl.load(x + offsets, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx + offsets, (coef_mean + coef_var * (values - mu)).to(DTYPE), mask=mask)
 
 
 @triton.jit
@@ -168,12 +273,12 @@ def _backward_kernel(
     tiles_ptr, layers_ptr, inputs_ptr, grads_ptr, groups_ptr, mean_ptr, diff_mean_ptr, diff_var_ptr,
     norms_ptr, elements_ptr, weights_ptr, grad_loss_ptr, num_groups, total_channels,
     DTYPE: tl.constexpr, CHANNELS_LAST: tl.constexpr, RMS: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, VEC: tl.constexpr,
 ):
     """dx = a[g, c] + b[g, c] * (x - mu[g, c]) for one tile; the tile's sample b is in group g."""
-    (layer, b, channels, chunk_id, C, HW, chunks, partial_offset, stat_offset, x, hw_begin, hw_end,
-     channel_offsets, hw_stride) = _tile(tiles_ptr, inputs_ptr, layers_ptr, DTYPE, CHANNELS_LAST, BLOCK_C, BLOCK_HW)
-    dx = tl.load(grads_ptr + layer).to(tl.pointer_type(DTYPE)) + b * C * HW
+    (layer, b, channels, chunk_id, C, HW, chunk, chunks, partial_offset, stat_offset, aligned,
+     hw_begin) = _tile(tiles_ptr, layers_ptr, BLOCK_C)
+    hw_end = tl.minimum(hw_begin + chunk, HW)
     channel_mask = channels < C
     g = tl.load(groups_ptr + b)
     at = layer * num_groups + g
@@ -188,12 +293,16 @@ def _backward_kernel(
         norm_mean > 0, scale / norm_mean, 0.0)
     coef_var = tl.load(diff_var_ptr + stats, mask=channel_mask, other=0.0)[:, None] * tl.where(
         norm_var > 0, 2 * scale / norm_var, 0.0)
-    for start in range(hw_begin, hw_end, BLOCK_HW):
-        hw = start + tl.arange(0, BLOCK_HW)
-        mask = channel_mask[:, None] & (hw < hw_end)[None, :]
-        offsets = channel_offsets + hw[None, :] * hw_stride
-        values = tl.load(x + offsets, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dx + offsets, (coef_mean + coef_var * (values - mu)).to(DTYPE), mask=mask)
+    if VEC > 1:
+        if aligned != 0:
+            _sample_gradient(inputs_ptr, grads_ptr, layer, b, channels, C, HW, hw_begin, hw_end, mu, coef_mean,
+                             coef_var, DTYPE, CHANNELS_LAST, BLOCK_HW, VEC)
+        else:
+            _sample_gradient(inputs_ptr, grads_ptr, layer, b, channels, C, HW, hw_begin, hw_end, mu, coef_mean,
+                             coef_var, DTYPE, CHANNELS_LAST, BLOCK_HW, 1)
+    else:
+        _sample_gradient(inputs_ptr, grads_ptr, layer, b, channels, C, HW, hw_begin, hw_end, mu, coef_mean,
+                         coef_var, DTYPE, CHANNELS_LAST, BLOCK_HW, 1)
 
 
 def tile_elements(device: torch.device) -> int | None:
@@ -207,7 +316,7 @@ class Plan:
     """Launch geometry of one set of layer shapes: the tile and layer tables and the block sizes.
 
     The tile's fast axis follows the memory format (HW for NCHW, C for channels_last) so loads are
-    coalesced. Built once per shape set and device, then reused every step.
+    coalesced. Built once per shape set, element size and device, then reused every step.
     """
 
     tiles: torch.Tensor  # int32 [T, 4]: layer, sample, channel block, HW chunk
@@ -215,12 +324,13 @@ class Plan:
     partial_size: int
     block_c: int
     block_hw: int
-    merge_block_c: int
+    merge_blocks: int  # channel blocks of the widest layer
     channels_last: bool
+    vector: int  # elements per vector; a layer whose fast axis is a multiple of it is marked aligned
 
 
-def block_sizes(shapes: Sequence[tuple[int, int]], channels_last: bool) -> tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_HW, merge BLOCK_C) for layers of these (C, HW): one choice for the launch."""
+def block_sizes(shapes: Sequence[tuple[int, int]], channels_last: bool) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_HW) for layers of these (C, HW): one choice for the launch."""
     max_c = triton.next_power_of_2(max(c for c, _ in shapes))
     max_hw = triton.next_power_of_2(max(hw for _, hw in shapes))
     if channels_last:
@@ -229,13 +339,15 @@ def block_sizes(shapes: Sequence[tuple[int, int]], channels_last: bool) -> tuple
     else:
         block_hw = min(max_hw, MAX_TILE // 16)
         block_c = min(max_c, MAX_TILE // block_hw)
-    return block_c, block_hw, min(max_c, MAX_MERGE_BLOCK)
+    return block_c, block_hw
 
 
 @functools.lru_cache(maxsize=64)
-def make_plan(shapes: tuple[tuple[int, int], ...], batch: int, channels_last: bool, device: torch.device) -> Plan:
-    """``shapes``: (C, HW) per layer."""
-    block_c, block_hw, merge_block_c = block_sizes(shapes, channels_last)
+def make_plan(shapes: tuple[tuple[int, int], ...], batch: int, channels_last: bool, element_size: int,
+              device: torch.device) -> Plan:
+    """``shapes``: (C, HW) per layer; ``element_size``: bytes per element of the inputs."""
+    block_c, block_hw = block_sizes(shapes, channels_last)
+    vector = VECTOR_BYTES // element_size
     work = tile_elements(device)
     tiles, layers = [], []
     partial_offset = stat_offset = 0
@@ -244,14 +356,27 @@ def make_plan(shapes: tuple[tuple[int, int], ...], batch: int, channels_last: bo
         blocks_per_chunk = hw_blocks if work is None else max(1, min(hw_blocks, work // (block_c * block_hw)))
         chunk = blocks_per_chunk * block_hw
         chunks = triton.cdiv(hw, chunk)
-        layers.append((channels, hw, chunk, chunks, partial_offset, stat_offset))
+        aligned = (channels if channels_last else hw) % vector == 0
+        layers.append((channels, hw, chunk, chunks, partial_offset, stat_offset, int(aligned)))
         tiles += [(layer, b, c, k) for b in range(batch) for c in range(triton.cdiv(channels, block_c))
                   for k in range(chunks)]
         partial_offset += batch * chunks * channels
         stat_offset += channels
+    merge_blocks = triton.cdiv(max(c for c, _ in shapes), MERGE_BLOCK_C)
     return Plan(torch.tensor(tiles, dtype=torch.int32).view(-1, 4).to(device),
                 torch.tensor(layers, dtype=torch.int64).to(device), partial_offset, block_c, block_hw,
-                merge_block_c, channels_last)
+                merge_blocks, channels_last, vector)
+
+
+def _plan(xs: Sequence[torch.Tensor]) -> Plan:
+    shapes = tuple((x.shape[1], x.shape[2] * x.shape[3]) for x in xs)
+    return make_plan(shapes, xs[0].shape[0], _channels_last(xs), xs[0].element_size(), xs[0].device)
+
+
+def _vector(plan: Plan, tensors: Sequence[torch.Tensor]) -> int:
+    """The launch's VEC: the plan's vector when every tensor starts on a vector boundary (a fresh
+    allocation does; a view at an odd offset may not), else 1, the variant without alignment hints."""
+    return plan.vector if all(t.data_ptr() % VECTOR_BYTES == 0 for t in tensors) else 1
 
 
 @functools.lru_cache(maxsize=64)
@@ -277,35 +402,38 @@ def _channels_last(xs: Sequence[torch.Tensor]) -> bool:
 
 def _triton_forward(xs, groups, target_mean, target_var, rows, weights, rms):
     device, (batch, num_groups) = xs[0].device, (xs[0].shape[0], target_mean.shape[0] if rows is None else rows.shape[0])
-    shapes = tuple((x.shape[1], x.shape[2] * x.shape[3]) for x in xs)
-    plan = make_plan(shapes, batch, _channels_last(xs), device)
-    total_channels, layers = sum(c for c, _ in shapes), len(xs)
+    plan = _plan(xs)
+    total_channels, layers = sum(x.shape[1] for x in xs), len(xs)
     partial_mean = _dispatch.empty((plan.partial_size,), dtype=torch.float32, device=device)
     partial_m2 = _dispatch.empty((plan.partial_size,), dtype=torch.float32, device=device)
-    inputs = _pointer_table(xs)
-    dtype = _TRITON_DTYPES[xs[0].dtype]
     if plan.tiles.shape[0]:
         _moments_kernel[(plan.tiles.shape[0],)](
-            plan.tiles, plan.layers, inputs, partial_mean, partial_m2,
-            DTYPE=dtype, CHANNELS_LAST=plan.channels_last, BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw,
+            plan.tiles, plan.layers, _pointer_table(xs), partial_mean, partial_m2,
+            DTYPE=_TRITON_DTYPES[xs[0].dtype], CHANNELS_LAST=plan.channels_last, BLOCK_C=plan.block_c,
+            BLOCK_HW=plan.block_hw, VEC=_vector(plan, xs),
         )
     mean, diff_mean, diff_var = (_dispatch.empty((num_groups, total_channels), dtype=torch.float32, device=device)
                                  for _ in range(3))
-    norms = _dispatch.empty((layers, num_groups, 2), dtype=torch.float32, device=device)
-    elements, terms = (_dispatch.empty((layers, num_groups), dtype=torch.float32, device=device) for _ in range(2))
-    _merge_kernel[(num_groups, layers)](
+    squares = _dispatch.empty((layers, num_groups, plan.merge_blocks, 2), dtype=torch.float32, device=device)
+    elements = _dispatch.empty((layers, num_groups), dtype=torch.float32, device=device)
+    _merge_kernel[(num_groups, layers, plan.merge_blocks)](
         plan.layers, partial_mean, partial_m2, groups, groups if rows is None else rows, target_mean, target_var,
-        _device_floats(tuple(weights), device), mean, diff_mean, diff_var, norms, elements, terms,
-        batch, num_groups, total_channels, target_mean.stride(0),
-        HAS_ROWS=rows is not None, RMS=rms, BLOCK_C=plan.merge_block_c,
+        mean, diff_mean, diff_var, squares, elements, batch, num_groups, total_channels, target_mean.stride(0),
+        HAS_ROWS=rows is not None, BLOCK_C=MERGE_BLOCK_C, BLOCK_B=triton.next_power_of_2(max(batch, 1)),
     )
-    return terms.sum(), mean, diff_mean, diff_var, norms, elements
+    norms = _dispatch.empty((layers, num_groups, 2), dtype=torch.float32, device=device)
+    loss = _dispatch.empty((), dtype=torch.float32, device=device)
+    entries = layers * num_groups
+    _finish_kernel[(1,)](
+        plan.layers, squares, elements, _device_floats(tuple(weights), device), norms, loss, num_groups, entries,
+        RMS=rms, BLOCKS=plan.merge_blocks, MERGE_C=MERGE_BLOCK_C, BLOCK=min(triton.next_power_of_2(entries), FINISH_BLOCK),
+    )
+    return loss, mean, diff_mean, diff_var, norms, elements
 
 
 def _triton_backward(grad_loss, xs, groups, mean, diff_mean, diff_var, norms, elements, weights, rms):
-    device, batch = xs[0].device, xs[0].shape[0]
-    shapes = tuple((x.shape[1], x.shape[2] * x.shape[3]) for x in xs)
-    plan = make_plan(shapes, batch, _channels_last(xs), device)
+    device = xs[0].device
+    plan = _plan(xs)
     grads = [_dispatch.empty(x.shape, stride=x.stride(), dtype=x.dtype, device=device) for x in xs]
     pointers = _pointer_table([*xs, *grads])  # one host-to-device copy for both tables
     if plan.tiles.shape[0]:
@@ -313,7 +441,7 @@ def _triton_backward(grad_loss, xs, groups, mean, diff_mean, diff_var, norms, el
             plan.tiles, plan.layers, pointers, pointers[len(xs):], groups, mean, diff_mean, diff_var,
             norms, elements, _device_floats(tuple(weights), device), grad_loss, mean.shape[0], mean.shape[1],
             DTYPE=_TRITON_DTYPES[xs[0].dtype], CHANNELS_LAST=plan.channels_last, RMS=rms,
-            BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw,
+            BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw, VEC=_vector(plan, [*xs, *grads]),
         )
     return grads
 

@@ -110,6 +110,46 @@ def test_random_shapes_match_float64(batch, layers, num_groups, dtype, channels_
         bn_match.make_plan.cache_clear()
 
 
+def _at_element(x: torch.Tensor, start: int) -> torch.Tensor:
+    """A copy of ``x`` (same strides) in memory that begins ``start`` elements past an aligned allocation."""
+    buffer = torch.empty(x.numel() + start, dtype=x.dtype, device=x.device)[start:]
+    return buffer.as_strided(x.shape, x.stride()).copy_(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inputs_off_a_vector_boundary_take_the_unhinted_variant(dtype, channels_last):
+    """Layers whose fast axis is a multiple of a vector (HW 16, C 8 and 16; HW 4 in float32 only) and
+    one that is not (HW 9, C 3): from fresh tensors the aligned variant (VEC > 1, each layer on its
+    own path), from views one element in the variant without alignment hints (VEC = 1); both equal
+    float64."""
+    xs, target_mean, target_var = make_layers(4, [(8, 4, 4), (3, 3, 3), (16, 2, 2)], 3, dtype, channels_last)
+    groups, rows = torch.tensor([0, 0, 2, 1]), torch.tensor([1, 2, 0])
+    plan = bn_match._plan(xs)
+    assert bn_match._vector(plan, xs) == 16 // xs[0].element_size() > 1
+    assert plan.layers[:, 6].tolist() == [1, 0, 1 if channels_last or dtype == torch.float32 else 0]
+    assert_matches_float64(xs, groups, target_mean, target_var, [3.0, 1.0, 1.0], rows)
+    shifted = [_at_element(x, 1) for x in xs]
+    assert bn_match._vector(bn_match._plan(shifted), shifted) == 1
+    assert_matches_float64(shifted, groups, target_mean, target_var, [3.0, 1.0, 1.0], rows)
+
+
+def test_contiguous_and_interleaved_groups_give_the_same_loss():
+    """The merge reads a group's own samples when they are contiguous and scans the batch otherwise:
+    the same samples in either order are the same loss and, per sample, the same gradient."""
+    xs, target_mean, target_var = make_layers(7, [(70, 3, 3), (5, 4, 4)], 4)  # 70 channels: two merge blocks
+    groups = torch.tensor([0, 0, 0, 2, 2, 3, 3])
+    order = torch.tensor([3, 0, 5, 1, 6, 2, 4])  # interleaved: no group is contiguous
+    contiguous_loss, contiguous_grads = loss_and_grads(xs, groups, target_mean, target_var, [1.0, 2.0])
+    mixed_loss, mixed_grads = loss_and_grads([x[order.to(x.device)] for x in xs], groups[order], target_mean,
+                                             target_var, [1.0, 2.0])
+    torch.testing.assert_close(mixed_loss, contiguous_loss, rtol=1e-6, atol=0)
+    for mixed, contiguous in zip(mixed_grads, contiguous_grads):
+        torch.testing.assert_close(mixed, contiguous[order.to(contiguous.device)], rtol=1e-5, atol=1e-7)
+    assert_matches_float64(xs, groups, target_mean, target_var, [1.0, 2.0])
+    assert_matches_float64([x[order.to(x.device)] for x in xs], groups[order], target_mean, target_var, [1.0, 2.0])
+
+
 @pytest.mark.parametrize("shape", [(1, 3, 4, 4), (1, 5, 1, 1), (3, 1, 2, 3), (2, 3, 1, 9), (2, 3, 9, 1)])
 def test_odd_sizes_with_one_group(shape):
     batch, *layer = shape
@@ -342,6 +382,26 @@ def test_backend_choice(monkeypatch):
         _dispatch.use_triton("triton", cpu)
 
 
+def test_an_interpreter_that_cannot_run_says_what_to_install(monkeypatch):
+    """Triton 3.6's interpreter calls int() on one-element arrays, which NumPy 2.4 refuses: the CPU
+    Triton path names the fix up front (the tests skip with that message instead of failing)."""
+    import numpy
+    import triton
+
+    cpu = torch.zeros(1)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for triton_version, numpy_version, refused in (("3.6.0", "2.4.1", True), ("3.6.0", "2.3.5", False),
+                                                   ("3.7.1", "2.4.1", False), ("3.8.0", "2.0.0", False)):
+        monkeypatch.setattr(triton, "__version__", triton_version)
+        monkeypatch.setattr(numpy, "__version__", numpy_version)
+        if refused:
+            with pytest.raises(_dispatch.InterpreterUnavailable, match=r"numpy<2.4 or triton>=3.7"):
+                _dispatch.use_triton("triton", cpu)
+        else:
+            assert _dispatch.use_triton("triton", cpu)
+    assert not _dispatch.use_triton("torch", cpu)  # the torch path never needs the interpreter
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -353,14 +413,15 @@ def test_resnet18_layers_on_cuda_match_float64(dtype, channels_last):
     assert_matches_float64(xs, groups, target_mean, target_var, [10.0] + [1.0] * 19, rows)
 
 
-def test_all_bn_layers_of_resnet18_take_at_most_six_launches(monkeypatch):
-    """Forward + backward of the loss over 20 BN layers: 3 Triton launches, the loss sum and the
-    backward seed; the committed count (benchmarks/results/launches.json) is the current one."""
+def test_all_bn_layers_of_resnet18_take_at_most_five_launches(monkeypatch):
+    """Forward + backward of the loss over 20 BN layers: 4 Triton launches (moments, merge, finish,
+    backward) and the backward seed; the committed count (benchmarks/results/launches.json) is the
+    current one."""
     from benchmarks.launch_count import RESULTS, count_launches, resnet18_step
 
     monkeypatch.setattr(_dispatch, "empty", UNPOISONED_EMPTY)  # the NaN fill would count as launches
     counts = count_launches(resnet18_step("all_layers"))
-    assert counts["triton"] == 3 and counts["total"] <= 6, counts
+    assert counts["triton"] == 4 and counts["total"] <= 5, counts
     committed = json.loads(RESULTS.read_text())["runs"]
     assert committed["after"]["launches"]["all_layers"]["total"] == counts["total"]
     assert committed["before"]["launches"]["per_layer"]["total"] > 100 * counts["total"]

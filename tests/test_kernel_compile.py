@@ -28,9 +28,19 @@ def test_launched_variants_compile_without_spills(tmp_path):
     fresh = json.loads(out.read_text())
     assert fresh["archs"] == ["sm_80", "sm_90", "sm_100"]
     kernels = {row["kernel"] for row in fresh["variants"]}
-    assert kernels == {"_moments_kernel", "_merge_kernel", "_backward_kernel", "_log_sum_exp_kernel", "_soft_kl_kernel"}
+    assert kernels == {"_moments_kernel", "_merge_kernel", "_finish_kernel", "_backward_kernel", "_log_sum_exp_kernel",
+                       "_soft_kl_kernel"}
     for row in fresh["variants"]:
         for arch in fresh["archs"]:
             assert row[arch]["spill_bytes"] == 0 and 0 < row[arch]["registers"] <= 255, (row["kernel"], arch)
+    # the aligned variant reads x (and writes dx) in 16-byte vectors; without the hints it never does
+    x_passes = [row for row in fresh["variants"] if row["kernel"] in ("_moments_kernel", "_backward_kernel")]
+    for row in x_passes:
+        aligned = row["constexprs"]["VEC"] != "1"
+        for arch in fresh["archs"]:
+            assert (row[arch]["vector_loads"] > 0) == aligned, (row["kernel"], row["constexprs"], arch)
+            if row["kernel"] == "_backward_kernel":
+                assert (row[arch]["vector_stores"] > 0) == aligned, (row["constexprs"], arch)
+    assert {row["constexprs"]["VEC"] for row in x_passes} == {"1", "4", "8"}
     assert _variant_keys(json.loads(COMMITTED.read_text())) == _variant_keys(fresh), (
         "the committed compile report is stale: rerun python -m benchmarks.compile_report")
