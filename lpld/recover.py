@@ -8,9 +8,11 @@ Both are expressed here as *jobs*: a job is one group of images with one statist
 optimizer schedule and one random stream (crop box, flip and roll shared by the group at every
 iteration). Because the teacher is in eval mode, samples do not interact in its forward; the
 loss is a sum of per-job losses and Adam is elementwise, so several jobs concatenated into one
-forward follow exactly the trajectories they would follow alone (SPEC.md section 11.8). Each job
-draws from its own generator seeded from (recover.seed, job id), which keeps that equality
-exact regardless of how many jobs share a step, which rank runs them, or a resume.
+forward follow the trajectories they would follow alone, to float rounding (SPEC.md section 11.8:
+on the CPU the tests hold it to 1e-12 in float64; on a GPU cuDNN may pick another convolution
+algorithm for another batch size). Each job draws from its own generator seeded from
+(recover.seed, job id), so its random stream is the same however many jobs share a step, which
+rank runs them, or after a resume.
 """
 from __future__ import annotations
 
@@ -109,6 +111,12 @@ class BNInputs:
             self.inputs[i] = inputs[0]
         return keep
 
+    def take(self) -> list[torch.Tensor]:
+        """The inputs of the latest forward, no longer held here: a step's activations then live only
+        as long as its graph (held, a compiled step's inputs stayed alive through the next forward)."""
+        inputs, self.inputs = self.inputs, [None] * len(self.inputs)
+        return inputs
+
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
@@ -188,7 +196,7 @@ class Synthesizer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.options.bf16):
             logits = self.forward(views)
         cross_entropy = (F.cross_entropy(logits.float(), labels, reduction="none") * inverse_group_size).sum()
-        bn = lpld_kernels.class_bn_loss_layers(self.bn_inputs.inputs, groups, self.targets.mean, self.targets.var,
+        bn = lpld_kernels.class_bn_loss_layers(self.bn_inputs.take(), groups, self.targets.mean, self.targets.var,
                                                self.targets.weights, rows, rms=self.rms)
         return cross_entropy + self.cfg.r_bn * bn
 

@@ -3,6 +3,7 @@ jobs, ImageFolder output with resume, refusal of bad inputs, and the across-clas
 import argparse
 import json
 import math
+import weakref
 
 import pytest
 import torch
@@ -118,6 +119,24 @@ def test_objective_and_gradient_match_float64_reference(bn_loss):
     (reference_grad,) = torch.autograd.grad(reference, reference_views)
     assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
     torch.testing.assert_close(grad.double(), reference_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_a_steps_bn_inputs_die_with_its_graph():
+    """The hooks hand the BN inputs to the loss and keep none: once the step's graph is gone, so are
+    its activations (a compiled step kept the previous ones alive through the next forward)."""
+    recipe = _recipe()
+    teacher = _teacher(recipe)
+    synthesizer = _synthesizer(recipe, teacher, _class_stats(teacher))
+    seen = []
+    hook = models.bn_layers(teacher)[0][1].register_forward_pre_hook(lambda _, args: seen.append(weakref.ref(args[0])))
+    views = torch.randn(4, 1, 16, 16, requires_grad=True)
+    groups, rows = torch.tensor([0, 0, 1, 1]), torch.tensor([1, 2])
+    loss = synthesizer.objective(views, groups, rows[groups], torch.full((4,), 0.5), rows)
+    torch.autograd.grad(loss, views)
+    del loss
+    hook.remove()
+    assert len(seen) == 1 and seen[0]() is None
+    assert synthesizer.bn_inputs.inputs == [None] * len(models.bn_layers(teacher))
 
 
 @pytest.mark.parametrize("pixel_space", ["normalized", "unit"])
