@@ -1,8 +1,9 @@
 """Shared by every benchmark file: who ran the numbers and where they are written.
 
 ``write_benchmark_results(name, results, notes)`` (a fixture returning ``write_results``) stores
-``benchmarks/results/<name>-<machine>.json`` with the machine's description next to the numbers,
-so results from a 2-core CPU box and from a GPU never get mixed up (CONTRACT: benchmarks).
+``benchmarks/results/<name>-<machine>.json`` (or under ``$LPLD_RESULTS_DIR``: the GPU check writes
+into the folder that comes back from the GPU machine) with the machine's description next to the
+numbers, so results from a 2-core CPU box and from a GPU never get mixed up.
 """
 import datetime
 import json
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_ENV = "LPLD_RESULTS_DIR"
 
 
 def machine_info() -> dict:
@@ -54,8 +56,9 @@ def command_line() -> str:
 
 def write_results(name: str, results, notes: str = "") -> Path:
     """Write ``results`` (any JSON-able value) with machine info and a UTC time stamp; returns the path."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}-{machine_slug()}.json"
+    folder = Path(os.environ.get(RESULTS_ENV) or RESULTS_DIR)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}-{machine_slug()}.json"
     document = {
         "benchmark": name,
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
