@@ -99,29 +99,6 @@ def check_recipe(recipe: Recipe) -> None:
         raise UserError(f"recover.classes_per_step is {cfg.classes_per_step}: use 0 (auto) or a positive count")
 
 
-class BNInputs:
-    """Forward hooks that keep the input of each given BN layer during the latest forward."""
-
-    def __init__(self, layers: list[torch.nn.Module]):
-        self.inputs: list[torch.Tensor | None] = [None] * len(layers)
-        self.handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(layers)]
-
-    def _hook(self, i: int):
-        def keep(module, inputs, output):
-            self.inputs[i] = inputs[0]
-        return keep
-
-    def take(self) -> list[torch.Tensor]:
-        """The inputs of the latest forward, no longer held here: a step's activations then live only
-        as long as its graph (held, a compiled step's inputs stayed alive through the next forward)."""
-        inputs, self.inputs = self.inputs, [None] * len(self.inputs)
-        return inputs
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
 @dataclass(frozen=True)
 class Targets:
     """The target tables mean/var [rows, sum of C] with every BN layer's columns side by side
@@ -183,7 +160,8 @@ class Synthesizer:
             self.low, self.high = (0 - mean) / std, (1 - mean) / std
         if options.channels_last:
             teacher.to(memory_format=torch.channels_last)
-        self.bn_inputs = BNInputs([layer for _, layer in models.bn_layers(teacher)])
+        self.bn_matching = lpld_kernels.BNStatisticsMatching(teacher, targets.mean, targets.var,
+                                                             weights=targets.weights, rms=self.rms)
         # Compile the teacher forward only: the hooks are traced with it, the loss stays eager.
         self.forward = torch.compile(teacher, dynamic=False) if options.compile else teacher
 
@@ -196,8 +174,7 @@ class Synthesizer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.options.bf16):
             logits = self.forward(views)
         cross_entropy = (F.cross_entropy(logits.float(), labels, reduction="none") * inverse_group_size).sum()
-        bn = lpld_kernels.class_bn_loss_layers(self.bn_inputs.take(), groups, self.targets.mean, self.targets.var,
-                                               self.targets.weights, rows, rms=self.rms)
+        bn = self.bn_matching(groups=groups, rows=rows)
         return cross_entropy + self.cfg.r_bn * bn
 
     def _views(self, images: torch.Tensor, generators, sizes) -> torch.Tensor:
@@ -290,45 +267,46 @@ def recover(recipe: Recipe, workdir: WorkDir, device=None, options: Options = Op
         "options": dataclasses.asdict(options), "world_size": world,
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
     }
-    progress = Progress(root, recipe, made_by)
-    jobs = plan_jobs(recipe)
-    progress.read_manifest()  # every rank refuses a foreign tree before anyone writes
-    distributed.barrier()
-    if distributed.is_main():
-        root.mkdir(parents=True, exist_ok=True)
-        progress.write_manifest(fields, jobs)
-    distributed.barrier()
-    done = progress.completed(jobs)
-    mine = [job for job in jobs if job.key not in done][rank::world]
-    per_step = cfg.classes_per_step or auto_jobs_per_step(len(jobs[0]), recipe.data.resolution, device)
-    synthesizer = Synthesizer(teacher, targets, recipe, device, options)
-    start, images_done = time.perf_counter(), 0
-    bar = tqdm(total=len(jobs), initial=len(done), unit="class" if cfg.batching == "class-wise" else "batch",
-               desc="recover", disable=not (show_progress and distributed.is_main()))
-    for first in range(0, len(mine), per_step):
-        step_jobs = mine[first:first + per_step]
-        step_start = time.perf_counter()
-        pixels = synthesizer.run(step_jobs)
-        seconds = time.perf_counter() - step_start
-        for job, job_pixels in zip(step_jobs, pixels.split([len(job) for job in step_jobs])):
-            save_images(root, job, job_pixels, recipe)
-            progress.record(rank, job, seconds / len(step_jobs))
-        images_done += sum(len(job) for job in step_jobs)
-        bar.update(len(step_jobs) * world)
-        bar.set_postfix(img_per_s=f"{images_done * world / (time.perf_counter() - start):.2f}")
-    bar.close()
-    synthesizer.bn_inputs.remove()
-    distributed.barrier()
-    if distributed.is_main():
-        manifest = progress.write_manifest(fields, jobs)
-        elapsed = time.perf_counter() - start
-        fresh = sum(entry["images"] for key, entry in manifest["completed"].items() if key not in done)
-        print(f"recover: {len(manifest['completed'])}/{len(jobs)} {cfg.batching} jobs complete; this run "
-              f"{fresh} images x {cfg.iterations} iterations in {elapsed:.1f} s ({fresh / max(elapsed, 1e-9):.2f} "
-              f"images/s, {fresh * cfg.iterations / max(elapsed, 1e-9):.0f} image-iterations/s) -> {root}")
-        if manifest["complete"]:
-            bank.refresh(root, recipe.data.channels)
-    return root
+    with distributed.sole_writer(root):
+        progress = Progress(root, recipe, made_by)
+        jobs = plan_jobs(recipe)
+        progress.read_manifest()  # every rank refuses a foreign tree before anyone writes
+        distributed.barrier()
+        if distributed.is_main():
+            root.mkdir(parents=True, exist_ok=True)
+            progress.write_manifest(fields, jobs)
+        distributed.barrier()
+        done = progress.completed(jobs)
+        mine = [job for job in jobs if job.key not in done][rank::world]
+        per_step = cfg.classes_per_step or auto_jobs_per_step(len(jobs[0]), recipe.data.resolution, device)
+        synthesizer = Synthesizer(teacher, targets, recipe, device, options)
+        start, images_done = time.perf_counter(), 0
+        bar = tqdm(total=len(jobs), initial=len(done), unit="class" if cfg.batching == "class-wise" else "batch",
+                   desc="recover", disable=not (show_progress and distributed.is_main()))
+        for first in range(0, len(mine), per_step):
+            step_jobs = mine[first:first + per_step]
+            step_start = time.perf_counter()
+            pixels = synthesizer.run(step_jobs)
+            seconds = time.perf_counter() - step_start
+            for job, job_pixels in zip(step_jobs, pixels.split([len(job) for job in step_jobs])):
+                save_images(root, job, job_pixels, recipe)
+                progress.record(rank, job, seconds / len(step_jobs))
+            images_done += sum(len(job) for job in step_jobs)
+            bar.update(len(step_jobs) * world)
+            bar.set_postfix(img_per_s=f"{images_done * world / (time.perf_counter() - start):.2f}")
+        bar.close()
+        synthesizer.bn_matching.remove()
+        distributed.barrier()
+        if distributed.is_main():
+            manifest = progress.write_manifest(fields, jobs)
+            elapsed = time.perf_counter() - start
+            fresh = sum(entry["images"] for key, entry in manifest["completed"].items() if key not in done)
+            print(f"recover: {len(manifest['completed'])}/{len(jobs)} {cfg.batching} jobs complete; this run "
+                  f"{fresh} images x {cfg.iterations} iterations in {elapsed:.1f} s ({fresh / max(elapsed, 1e-9):.2f} "
+                  f"images/s, {fresh * cfg.iterations / max(elapsed, 1e-9):.0f} image-iterations/s) -> {root}")
+            if manifest["complete"]:
+                bank.refresh(root, recipe.data.channels)
+        return root
 
 
 def register(subparsers) -> None:

@@ -136,7 +136,7 @@ def test_a_steps_bn_inputs_die_with_its_graph():
     del loss
     hook.remove()
     assert len(seen) == 1 and seen[0]() is None
-    assert synthesizer.bn_inputs.inputs == [None] * len(models.bn_layers(teacher))
+    assert synthesizer.bn_matching._inputs == [None] * len(models.bn_layers(teacher))
 
 
 @pytest.mark.parametrize("pixel_space", ["normalized", "unit"])
