@@ -15,11 +15,13 @@ import contextlib
 import os
 import time
 from datetime import timedelta
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _get_default_store
 
+from . import atomic
 from .errors import UserError
 
 TIMEOUT_ENV = "LPLD_DIST_TIMEOUT"
@@ -113,6 +115,15 @@ def barrier() -> None:
                             f"beforehand, or raise {TIMEOUT_ENV})")
         time.sleep(pause)
         pause = min(2 * pause, MAX_POLL_S)
+
+
+@contextlib.contextmanager
+def sole_writer(artifact) -> Iterator[None]:
+    """``atomic.sole_writer`` for a stage under torchrun: rank 0 holds the lock for the run, the other
+    ranks write under it; when another run holds it, every rank stops with rank 0's message."""
+    with atomic.sole_writer(artifact) if is_main() else contextlib.nullcontext():
+        barrier()
+        yield
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

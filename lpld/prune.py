@@ -29,7 +29,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import seeds
+from . import distributed, seeds
 from .errors import UserError
 from .labels import LabelStore, LabelStoreWriter, LogitCodec, add_codec_arguments, codec_from_args, storage_report
 from .workdir import WorkDir
@@ -164,23 +164,24 @@ def prune_store(source: LabelStore, out: str | Path, ratio: float, kind: str = "
     if codec is not None and stored.topk and not 0 < codec.topk <= stored.topk:
         raise UserError(f"{source.path} keeps the top {stored.topk} logits of each sample; a pruned copy can keep "
                         f"at most those (--topk 1 to {stored.topk}), not {codec.topk or 'all'}")
-    kept = select_pool(source.ids, source.batches_per_epoch, ratio, kind, seed, store=source)
-    if codec == stored:
-        codec = None
-    writer = LabelStoreWriter(out, pruned_header(source.meta, ratio, kind, seed, codec), kept)
-    if writer.done:
-        return writer.path
-    rows = np.array([source.row(g) for g in kept])
-    for start in range(0, len(rows), ROWS_PER_COPY):
-        chunk = rows[start : start + ROWS_PER_COPY]
-        part = slice(start, start + len(chunk))
-        copied = [name for name in source.specs if codec is None or name not in stored.array_names]
-        for name in copied:
-            writer.arrays[name][part] = source.array(name)[chunk]
-        if codec is not None:
-            for name, value in codec.encode(source.logits(chunk)).items():
-                writer.arrays[name][part] = value
-    return writer.finish()
+    with distributed.sole_writer(out):
+        kept = select_pool(source.ids, source.batches_per_epoch, ratio, kind, seed, store=source)
+        if codec == stored:
+            codec = None
+        writer = LabelStoreWriter(out, pruned_header(source.meta, ratio, kind, seed, codec), kept)
+        if writer.done:
+            return writer.path
+        rows = np.array([source.row(g) for g in kept])
+        for start in range(0, len(rows), ROWS_PER_COPY):
+            chunk = rows[start : start + ROWS_PER_COPY]
+            part = slice(start, start + len(chunk))
+            copied = [name for name in source.specs if codec is None or name not in stored.array_names]
+            for name in copied:
+                writer.arrays[name][part] = source.array(name)[chunk]
+            if codec is not None:
+                for name, value in codec.encode(source.logits(chunk)).items():
+                    writer.arrays[name][part] = value
+        return writer.finish()
 
 
 def _command(args: argparse.Namespace) -> None:

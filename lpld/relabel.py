@@ -177,48 +177,49 @@ def generate(teacher: nn.Module, images: torch.Tensor, out: str | Path, header: 
         raise UserError(f"records_per_forward={records_per_forward}: stack at least one record per forward")
     nb, batch_size, device = header["batches_per_epoch"], header["batch_size"], distributed.device(device)
     ids = np.arange(header["epochs"] * nb, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
-    rank, world = distributed.rank(), distributed.world_size()
-    writer = LabelStoreWriter(out, header, ids) if rank == 0 else None
-    distributed.barrier()
-    writer = writer or LabelStoreWriter(out, header, ids)
-    rows_per_epoch = {e: rows[rank::world] for e in range(header["epochs"])
-                      if e not in writer.complete_epochs and len(rows := writer.rows_of_epoch(e))}
-    work = [(epoch, int(row)) for epoch, rows in rows_per_epoch.items() for row in rows]
-    chunks = [work[i:i + records_per_forward] for i in range(0, len(work), records_per_forward)]
+    with distributed.sole_writer(out):
+        rank, world = distributed.rank(), distributed.world_size()
+        writer = LabelStoreWriter(out, header, ids) if rank == 0 else None
+        distributed.barrier()
+        writer = writer or LabelStoreWriter(out, header, ids)
+        rows_per_epoch = {e: rows[rank::world] for e in range(header["epochs"])
+                          if e not in writer.complete_epochs and len(rows := writer.rows_of_epoch(e))}
+        work = [(epoch, int(row)) for epoch, rows in rows_per_epoch.items() for row in rows]
+        chunks = [work[i:i + records_per_forward] for i in range(0, len(work), records_per_forward)]
 
-    @functools.lru_cache(maxsize=2)  # rows come in epoch order: the current epoch and the next
-    def records_of_epoch(epoch: int) -> list[Record]:
-        return epoch_records(header, epoch)
+        @functools.lru_cache(maxsize=2)  # rows come in epoch order: the current epoch and the next
+        def records_of_epoch(epoch: int) -> list[Record]:
+            return epoch_records(header, epoch)
 
-    def prepare(chunk: list[tuple[int, int]]) -> tuple[list[int], list[Record], torch.Tensor]:
-        with torch.inference_mode():
-            records = [records_of_epoch(epoch)[ids[row] % nb] for epoch, row in chunk]
-            batch = torch.cat([replay(images, record, header["size"], header["mean"], header["std"], device)
-                               for record in records])
-        return [row for _, row in chunk], records, batch
+        def prepare(chunk: list[tuple[int, int]]) -> tuple[list[int], list[Record], torch.Tensor]:
+            with torch.inference_mode():
+                records = [records_of_epoch(epoch)[ids[row] % nb] for epoch, row in chunk]
+                batch = torch.cat([replay(images, record, header["size"], header["mean"], header["std"], device)
+                                   for record in records])
+            return [row for _, row in chunk], records, batch
 
-    teacher.eval()
-    feed = _StoreFeed(writer, rows_per_epoch, batch_size)
-    bar = tqdm(total=len(work) * batch_size, unit="img", desc="relabel", disable=not distributed.is_main())
-    with torch.inference_mode(), ThreadPoolExecutor(max_workers=1, initializer=thread_initializer(device)) as pool:
-        upcoming = pool.submit(prepare, chunks[0]) if chunks else None
-        for k in range(len(chunks)):
-            rows, records, batch = upcoming.result()
-            if k + 1 < len(chunks):
-                upcoming = pool.submit(prepare, chunks[k + 1])
-            logits = teacher(batch)
-            if logits.shape != (len(batch), header["num_classes"]):
-                raise UserError(f"the teacher outputs {tuple(logits.shape)} for a batch of {len(batch)}, "
-                                f"expected {header['num_classes']} classes (data.num_classes); use the matching teacher")
-            feed.put(rows, records, logits.to(torch.float16))
-            bar.update(len(batch))
-        feed.finish()
-    bar.close()
-    distributed.barrier()
-    if rank == 0:
-        writer.finish()
-    distributed.barrier()
-    return Path(out)
+        teacher.eval()
+        feed = _StoreFeed(writer, rows_per_epoch, batch_size)
+        bar = tqdm(total=len(work) * batch_size, unit="img", desc="relabel", disable=not distributed.is_main())
+        with torch.inference_mode(), ThreadPoolExecutor(max_workers=1, initializer=thread_initializer(device)) as pool:
+            upcoming = pool.submit(prepare, chunks[0]) if chunks else None
+            for k in range(len(chunks)):
+                rows, records, batch = upcoming.result()
+                if k + 1 < len(chunks):
+                    upcoming = pool.submit(prepare, chunks[k + 1])
+                logits = teacher(batch)
+                if logits.shape != (len(batch), header["num_classes"]):
+                    raise UserError(f"the teacher outputs {tuple(logits.shape)} for a batch of {len(batch)}, "
+                                    f"expected {header['num_classes']} classes (data.num_classes); use the matching teacher")
+                feed.put(rows, records, logits.to(torch.float16))
+                bar.update(len(batch))
+            feed.finish()
+        bar.close()
+        distributed.barrier()
+        if rank == 0:
+            writer.finish()
+        distributed.barrier()
+        return Path(out)
 
 
 def relabel(recipe: Recipe, workdir: WorkDir, device: torch.device | str, only_kept: bool = False,

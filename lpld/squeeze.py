@@ -32,32 +32,33 @@ def squeeze(recipe: Recipe, workdir: WorkDir, device: torch.device | str, weight
     """Write the teacher unless it exists; return its metadata (with ``val_top1``)."""
     distributed.init(device)
     device = distributed.device(device)
-    weights = weights or recipe.model.weights
-    if workdir.teacher.is_file():
-        meta = read_teacher_meta(workdir.teacher)
+    with distributed.sole_writer(workdir.teacher):
+        weights = weights or recipe.model.weights
+        if workdir.teacher.is_file():
+            meta = read_teacher_meta(workdir.teacher)
+            if distributed.is_main():
+                print(f"squeeze: {workdir.teacher} exists (val top-1 {meta.get('val_top1', float('nan')):.2f}%); "
+                      "delete it to train again")
+            return meta
+        started = time.time()
+        torch.manual_seed(recipe.squeeze.seed)
+        model = build_model(recipe.model.arch, recipe.data.num_classes, recipe.data.channels, recipe.model.stem)
+        if weights:
+            apply_weights(model, load_weights_file(weights), weights)
+            model.to(device)
+            source = {"source": str(Path(weights).resolve())}
+        else:
+            source = {"source": "trained", "epochs": recipe.squeeze.epochs,
+                      "train_images": _train(model, recipe, workdir, device)}
+        scores = evaluate(model, recipe.data, device, batch_size=recipe.squeeze.batch_size, workers=recipe.squeeze.workers)
+        meta = {"val_top1": scores["top1"], **source}
         if distributed.is_main():
-            print(f"squeeze: {workdir.teacher} exists (val top-1 {meta.get('val_top1', float('nan')):.2f}%); "
-                  "delete it to train again")
+            meta = save_teacher(workdir.teacher, model.cpu(), recipe, **meta)
+            (workdir.root / CHECKPOINT).unlink(missing_ok=True)
+            print(f"squeeze: {recipe.model.arch} ({recipe.model.stem} stem) val top-1 {scores['top1']:.2f}% "
+                  f"on {scores['images']} images, {time.time() - started:.0f} s -> {workdir.teacher}")
+        distributed.barrier()
         return meta
-    started = time.time()
-    torch.manual_seed(recipe.squeeze.seed)
-    model = build_model(recipe.model.arch, recipe.data.num_classes, recipe.data.channels, recipe.model.stem)
-    if weights:
-        apply_weights(model, load_weights_file(weights), weights)
-        model.to(device)
-        source = {"source": str(Path(weights).resolve())}
-    else:
-        source = {"source": "trained", "epochs": recipe.squeeze.epochs,
-                  "train_images": _train(model, recipe, workdir, device)}
-    scores = evaluate(model, recipe.data, device, batch_size=recipe.squeeze.batch_size, workers=recipe.squeeze.workers)
-    meta = {"val_top1": scores["top1"], **source}
-    if distributed.is_main():
-        meta = save_teacher(workdir.teacher, model.cpu(), recipe, **meta)
-        (workdir.root / CHECKPOINT).unlink(missing_ok=True)
-        print(f"squeeze: {recipe.model.arch} ({recipe.model.stem} stem) val top-1 {scores['top1']:.2f}% "
-              f"on {scores['images']} images, {time.time() - started:.0f} s -> {workdir.teacher}")
-    distributed.barrier()
-    return meta
 
 
 def _train(model: torch.nn.Module, recipe: Recipe, workdir: WorkDir, device: torch.device) -> int:

@@ -302,37 +302,38 @@ def stats(recipe, workdir: WorkDir, device: torch.device | str) -> ClassBNStats:
     """``lpld stats``: the pass over the real training split with RRC(crop_scale) + flip + normalise."""
     distributed.init(device)
     device = distributed.device(device)
-    cfg = recipe.stats
-    if workdir.stats.is_file():
+    with distributed.sole_writer(workdir.stats):
+        cfg = recipe.stats
+        if workdir.stats.is_file():
+            if distributed.is_main():
+                print(f"stats: {workdir.stats} exists; delete it to collect again")
+            teacher = load_teacher(workdir.teacher, recipe)
+            return ClassBNStats.load(workdir.stats, teacher, recipe.data.num_classes, model_fingerprint(teacher))
+        teacher = load_teacher(workdir.teacher, recipe, device)
+        dataset = load_real(recipe.data, "train", train_transform(recipe.data, scale=cfg.crop_scale), workdir.listings)
+        torch.manual_seed(cfg.seed + distributed.rank())
+        checkpoint = workdir.root / f"stats-checkpoint.rank{distributed.rank()}.pt"
+        done = batches_done(checkpoint)
+        if done and distributed.is_main():
+            print(f"stats: resuming after {done} batches from {checkpoint}")
+        order = list(DistributedSampler(dataset, distributed.world_size(), distributed.rank(), shuffle=True, seed=cfg.seed))
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=order[done * cfg.batch_size:],
+                            num_workers=cfg.workers, pin_memory=device.type == "cuda")
+        started = time.time()
+        meta = {"arch": recipe.model.arch, "stem": recipe.model.stem, "resolution": recipe.data.resolution,
+                "dataset_fingerprint": dataset.fingerprint, "recipe": recipe.name, "batch_size": cfg.batch_size,
+                "crop_scale": list(cfg.crop_scale), "seed": cfg.seed}
+        result = collect_class_bn_stats(teacher, loader, recipe.data.num_classes, cfg.mode, cfg.momentum, device, meta,
+                                        checkpoint, max_batch=cfg.batch_size)
         if distributed.is_main():
-            print(f"stats: {workdir.stats} exists; delete it to collect again")
-        teacher = load_teacher(workdir.teacher, recipe)
-        return ClassBNStats.load(workdir.stats, teacher, recipe.data.num_classes, model_fingerprint(teacher))
-    teacher = load_teacher(workdir.teacher, recipe, device)
-    dataset = load_real(recipe.data, "train", train_transform(recipe.data, scale=cfg.crop_scale), workdir.listings)
-    torch.manual_seed(cfg.seed + distributed.rank())
-    checkpoint = workdir.root / f"stats-checkpoint.rank{distributed.rank()}.pt"
-    done = batches_done(checkpoint)
-    if done and distributed.is_main():
-        print(f"stats: resuming after {done} batches from {checkpoint}")
-    order = list(DistributedSampler(dataset, distributed.world_size(), distributed.rank(), shuffle=True, seed=cfg.seed))
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=order[done * cfg.batch_size:],
-                        num_workers=cfg.workers, pin_memory=device.type == "cuda")
-    started = time.time()
-    meta = {"arch": recipe.model.arch, "stem": recipe.model.stem, "resolution": recipe.data.resolution,
-            "dataset_fingerprint": dataset.fingerprint, "recipe": recipe.name, "batch_size": cfg.batch_size,
-            "crop_scale": list(cfg.crop_scale), "seed": cfg.seed}
-    result = collect_class_bn_stats(teacher, loader, recipe.data.num_classes, cfg.mode, cfg.momentum, device, meta,
-                                    checkpoint, max_batch=cfg.batch_size)
-    if distributed.is_main():
-        result.save(workdir.stats)
-        channels = sum(layer.mean.shape[1] for layer in result.layers.values())
-        print(f"stats: {cfg.mode} statistics of {len(result.layers)} BN layers ({channels} channels) x "
-              f"{recipe.data.num_classes} classes from {result.meta['images']} images in "
-              f"{time.time() - started:.0f} s -> {workdir.stats}")
-    distributed.barrier()
-    checkpoint.unlink(missing_ok=True)
-    return result
+            result.save(workdir.stats)
+            channels = sum(layer.mean.shape[1] for layer in result.layers.values())
+            print(f"stats: {cfg.mode} statistics of {len(result.layers)} BN layers ({channels} channels) x "
+                  f"{recipe.data.num_classes} classes from {result.meta['images']} images in "
+                  f"{time.time() - started:.0f} s -> {workdir.stats}")
+        distributed.barrier()
+        checkpoint.unlink(missing_ok=True)
+        return result
 
 
 def _command(args: argparse.Namespace) -> None:

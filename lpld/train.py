@@ -264,91 +264,92 @@ def train(recipe: Recipe, workdir: WorkDir, labels_path: str | Path, name: str, 
     if config.val_interval < 1:
         raise UserError(f"train.val_interval={config.val_interval}: evaluate every N >= 1 epochs (the last epoch always is)")
     out = workdir.student(name)
-    if resume and (out / SUMMARY).is_file():
-        return json.loads((out / SUMMARY).read_text())
-    if not resume and (out / CHECKPOINT).exists():
-        raise UserError(f"{out} already holds a student; pass --resume to continue it or choose another --name")
+    with distributed.sole_writer(out):
+        if resume and (out / SUMMARY).is_file():
+            return json.loads((out / SUMMARY).read_text())
+        if not resume and (out / CHECKPOINT).exists():
+            raise UserError(f"{out} already holds a student; pass --resume to continue it or choose another --name")
 
-    distilled = bank.open(workdir.distilled, recipe.data.channels)
-    store = labels.LabelStore.open(labels_path, expect_images=len(distilled.images),
-                                   expect_classes=recipe.data.num_classes, verify_checksums=distributed.is_main())
-    distributed.barrier()  # others wait out rank 0's hashing here, not in DDP's first collective; its errors reach all
-    _check_store_fits(store, distilled, recipe)
-    record_size = store.meta["batch_size"]
-    _check_batching(config, record_size, world)
-    arch = config.arch or recipe.model.arch
-    torch.manual_seed(config.seed)
-    model = models.build_model(arch, recipe.data.num_classes, recipe.data.channels, recipe.model.stem)
-    model = models.use_ghost_batch_norm(model, config.bn_batch).to(device)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    split_records = config.split == "records" and world > 1
-    if split_records:
-        warnings.warn(f"train.split=records departs from the paper: {world} ranks take {world} x {record_size} rows "
-                      f"per step and {world}x fewer steps; lr scaled linearly to {config.lr * world:g}", stacklevel=2)
-    optimizer = build_optimizer(model, dataclasses.replace(config, lr=config.lr * world) if split_records else config)
-    scheduler = build_scheduler(optimizer, config)
-    plan = training_plan(store, config.seed, config.full_plan)
-    sampler = replay.PlanSampler(plan, rank=rank, world_size=world) if split_records else replay.PlanSampler(plan)
-    rows = rank_rows(record_size, rank, world) if world > 1 and not split_records else None
-    made_by = _student_identity(recipe, store, world)
-    first_epoch = 0
-    if resume and (out / CHECKPOINT).exists():
-        first_epoch = _restore(out / CHECKPOINT, model, optimizer, scheduler, sampler, made_by)
-    out.mkdir(parents=True, exist_ok=True)
-    if distributed.is_main():
-        _trim_metrics(out / METRICS, first_epoch)
-
-    model.train()
-    network = model
-    if world > 1:
-        network = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    no_sync = network.no_sync if world > 1 else contextlib.nullcontext
-    loss_fn = make_loss_fn(network, config, device)
-    batches = replay.make_loader(loader or config.loader, store, distilled.images, sampler, store.meta["size"],
-                                 store.meta["mean"], store.meta["std"], device, config.workers)
-    val_set = evaluate.validation_set(recipe.data, workdir.listings)
-
-    def validate() -> dict:
-        distributed.broadcast_buffers(model)  # every rank's shard scored with rank 0's model
-        return evaluate.evaluate(model, recipe.data, device, EVAL_BATCH, config.workers, val_set, bf16=config.bf16)
-
-    last_epoch = config.epochs if stop_after is None else min(config.epochs, first_epoch + stop_after)
-    record_images = record_size * (world if split_records else 1)  # images per optimizer step, all ranks
-    images_seen, train_seconds, metrics, shown_top1 = 0, 0.0, {}, "-"  # top-1 of the latest evaluation
-    bar = tqdm(total=(last_epoch - first_epoch) * len(sampler) * record_images, unit="img",
-               desc=f"train {name}", disable=not distributed.is_main())
-    for epoch in range(first_epoch, last_epoch):
-        sampler.set_epoch(epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        epoch_start = time.perf_counter()
-        loss, steps = _train_epoch(batches, loss_fn, optimizer, config.micro_batch, no_sync, device, memory_format,
-                                   lambda: bar.update(record_images), rows)
-        seconds = time.perf_counter() - epoch_start
-        images_seen, train_seconds = images_seen + steps * record_images, train_seconds + seconds
-        scheduler.step()
-        metrics = {"epoch": epoch, "loss": loss, "lr": lr, "steps": steps,
-                   "images_per_sec": steps * record_images / seconds, "seconds": seconds}
-        if (epoch + 1) % config.val_interval == 0 or epoch + 1 == config.epochs:
-            scores = validate()  # its "loss" is the validation CE: keep it apart from the training loss
-            metrics.update(top1=scores["top1"], top5=scores["top5"], val_loss=scores["loss"])
-            shown_top1 = f"{metrics['top1']:.2f}"
-        bar.set_postfix(epoch=epoch, loss=format_loss(loss), top1=shown_top1)
+        distilled = bank.open(workdir.distilled, recipe.data.channels)
+        store = labels.LabelStore.open(labels_path, expect_images=len(distilled.images),
+                                       expect_classes=recipe.data.num_classes, verify_checksums=distributed.is_main())
+        distributed.barrier()  # others wait out rank 0's hashing here, not in DDP's first collective; its errors reach all
+        _check_store_fits(store, distilled, recipe)
+        record_size = store.meta["batch_size"]
+        _check_batching(config, record_size, world)
+        arch = config.arch or recipe.model.arch
+        torch.manual_seed(config.seed)
+        model = models.build_model(arch, recipe.data.num_classes, recipe.data.channels, recipe.model.stem)
+        model = models.use_ghost_batch_norm(model, config.bn_batch).to(device)
+        memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        model = model.to(memory_format=memory_format)
+        split_records = config.split == "records" and world > 1
+        if split_records:
+            warnings.warn(f"train.split=records departs from the paper: {world} ranks take {world} x {record_size} rows "
+                          f"per step and {world}x fewer steps; lr scaled linearly to {config.lr * world:g}", stacklevel=2)
+        optimizer = build_optimizer(model, dataclasses.replace(config, lr=config.lr * world) if split_records else config)
+        scheduler = build_scheduler(optimizer, config)
+        plan = training_plan(store, config.seed, config.full_plan)
+        sampler = replay.PlanSampler(plan, rank=rank, world_size=world) if split_records else replay.PlanSampler(plan)
+        rows = rank_rows(record_size, rank, world) if world > 1 and not split_records else None
+        made_by = _student_identity(recipe, store, world)
+        first_epoch = 0
+        if resume and (out / CHECKPOINT).exists():
+            first_epoch = _restore(out / CHECKPOINT, model, optimizer, scheduler, sampler, made_by)
+        out.mkdir(parents=True, exist_ok=True)
         if distributed.is_main():
-            checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(), "epoch": epoch + 1,
-                          "identity": made_by, "rng_cpu": torch.get_rng_state(),
-                          **({"rng_cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})}
-            write_atomically(out / CHECKPOINT, lambda partial: torch.save(checkpoint, partial))
-            with open(out / METRICS, "a") as log:
-                log.write(json.dumps(metrics) + "\n")
-        distributed.barrier()
-    bar.close()
-    if last_epoch < config.epochs:
-        return {"name": name, "epochs_done": last_epoch, "finished": False}
-    if "top1" not in metrics:  # resumed after the last checkpoint: nothing ran, evaluate now
-        metrics = validate()
-    return _finish(recipe, workdir, out, model, store, arch, name, metrics, images_seen, train_seconds, wall_start)
+            _trim_metrics(out / METRICS, first_epoch)
+
+        model.train()
+        network = model
+        if world > 1:
+            network = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        no_sync = network.no_sync if world > 1 else contextlib.nullcontext
+        loss_fn = make_loss_fn(network, config, device)
+        batches = replay.make_loader(loader or config.loader, store, distilled.images, sampler, store.meta["size"],
+                                     store.meta["mean"], store.meta["std"], device, config.workers)
+        val_set = evaluate.validation_set(recipe.data, workdir.listings)
+
+        def validate() -> dict:
+            distributed.broadcast_buffers(model)  # every rank's shard scored with rank 0's model
+            return evaluate.evaluate(model, recipe.data, device, EVAL_BATCH, config.workers, val_set, bf16=config.bf16)
+
+        last_epoch = config.epochs if stop_after is None else min(config.epochs, first_epoch + stop_after)
+        record_images = record_size * (world if split_records else 1)  # images per optimizer step, all ranks
+        images_seen, train_seconds, metrics, shown_top1 = 0, 0.0, {}, "-"  # top-1 of the latest evaluation
+        bar = tqdm(total=(last_epoch - first_epoch) * len(sampler) * record_images, unit="img",
+                   desc=f"train {name}", disable=not distributed.is_main())
+        for epoch in range(first_epoch, last_epoch):
+            sampler.set_epoch(epoch)
+            lr = optimizer.param_groups[0]["lr"]
+            epoch_start = time.perf_counter()
+            loss, steps = _train_epoch(batches, loss_fn, optimizer, config.micro_batch, no_sync, device, memory_format,
+                                       lambda: bar.update(record_images), rows)
+            seconds = time.perf_counter() - epoch_start
+            images_seen, train_seconds = images_seen + steps * record_images, train_seconds + seconds
+            scheduler.step()
+            metrics = {"epoch": epoch, "loss": loss, "lr": lr, "steps": steps,
+                       "images_per_sec": steps * record_images / seconds, "seconds": seconds}
+            if (epoch + 1) % config.val_interval == 0 or epoch + 1 == config.epochs:
+                scores = validate()  # its "loss" is the validation CE: keep it apart from the training loss
+                metrics.update(top1=scores["top1"], top5=scores["top5"], val_loss=scores["loss"])
+                shown_top1 = f"{metrics['top1']:.2f}"
+            bar.set_postfix(epoch=epoch, loss=format_loss(loss), top1=shown_top1)
+            if distributed.is_main():
+                checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(), "epoch": epoch + 1,
+                              "identity": made_by, "rng_cpu": torch.get_rng_state(),
+                              **({"rng_cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})}
+                write_atomically(out / CHECKPOINT, lambda partial: torch.save(checkpoint, partial))
+                with open(out / METRICS, "a") as log:
+                    log.write(json.dumps(metrics) + "\n")
+            distributed.barrier()
+        bar.close()
+        if last_epoch < config.epochs:
+            return {"name": name, "epochs_done": last_epoch, "finished": False}
+        if "top1" not in metrics:  # resumed after the last checkpoint: nothing ran, evaluate now
+            metrics = validate()
+        return _finish(recipe, workdir, out, model, store, arch, name, metrics, images_seen, train_seconds, wall_start)
 
 
 def _finish(recipe: Recipe, workdir: WorkDir, out: Path, model: nn.Module, store, arch: str, name: str,

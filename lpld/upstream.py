@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import models
+from . import distributed, models
 from .atomic import write_atomically
 from .augment import Cutout, Record
 from . import bank
@@ -169,33 +169,34 @@ def class_stats(classes: dict, model: torch.nn.Module, num_classes: int, source:
 
 def import_teacher(path: str | Path, recipe: Recipe, workdir: WorkDir) -> dict:
     """An upstream checkpoint -> teacher.safetensors (+ class_bn_stats.safetensors for class-BN ones)."""
-    for target in (workdir.teacher, workdir.stats):
-        if target.exists():
-            raise UserError(f"{target} exists; delete it or import into another --workdir")
-    source = str(path)
-    state, notes = read_checkpoint(path)
-    model = models.build_model(recipe.model.arch, recipe.data.num_classes, recipe.data.channels, recipe.model.stem)
-    weights, classes, more = split_checkpoint(state, model, source)
-    models.apply_weights(model, weights, source)
-    notes += more
-    layers = class_stats(classes, model, recipe.data.num_classes, source) if classes else None
-    if layers:
-        notes.append(f"mapped class_running_mean/var of {len(layers)} BN layers to class statistics (counts unknown: -1)")
-    origin = {"path": os.path.abspath(source), "sha256": file_sha256(path), "notes": notes}
-    meta = models.save_teacher(workdir.teacher, model, recipe, imported_from=origin)
-    if layers is not None:
-        ClassBNStats(layers, {
-            "num_classes": recipe.data.num_classes, "mode": "ema", "momentum": UPSTREAM_MOMENTUM,
-            "teacher_fingerprint": meta["fingerprint"], "arch": recipe.model.arch, "stem": recipe.model.stem,
-            "resolution": recipe.data.resolution, "recipe": recipe.name, "world_size": None, "images": None,
-            "imported_from": origin,
-        }).save(workdir.stats)
-    summary = {"teacher": str(workdir.teacher), "fingerprint": meta["fingerprint"], "notes": notes,
-               "stats": str(workdir.stats) if layers else None, "bn_layers": len(layers or {})}
-    stats_note = f" + class statistics of {len(layers)} BN layers -> {workdir.stats}" if layers else " (no class statistics)"
-    print(f"import teacher: {source} -> {workdir.teacher} ({recipe.model.arch}, {recipe.data.num_classes} classes, "
-          f"fingerprint {meta['fingerprint']}){stats_note}; {'; '.join(notes) or 'nothing mapped or dropped'}")
-    return summary
+    with distributed.sole_writer(workdir.teacher):
+        for target in (workdir.teacher, workdir.stats):
+            if target.exists():
+                raise UserError(f"{target} exists; delete it or import into another --workdir")
+        source = str(path)
+        state, notes = read_checkpoint(path)
+        model = models.build_model(recipe.model.arch, recipe.data.num_classes, recipe.data.channels, recipe.model.stem)
+        weights, classes, more = split_checkpoint(state, model, source)
+        models.apply_weights(model, weights, source)
+        notes += more
+        layers = class_stats(classes, model, recipe.data.num_classes, source) if classes else None
+        if layers:
+            notes.append(f"mapped class_running_mean/var of {len(layers)} BN layers to class statistics (counts unknown: -1)")
+        origin = {"path": os.path.abspath(source), "sha256": file_sha256(path), "notes": notes}
+        meta = models.save_teacher(workdir.teacher, model, recipe, imported_from=origin)
+        if layers is not None:
+            ClassBNStats(layers, {
+                "num_classes": recipe.data.num_classes, "mode": "ema", "momentum": UPSTREAM_MOMENTUM,
+                "teacher_fingerprint": meta["fingerprint"], "arch": recipe.model.arch, "stem": recipe.model.stem,
+                "resolution": recipe.data.resolution, "recipe": recipe.name, "world_size": None, "images": None,
+                "imported_from": origin,
+            }).save(workdir.stats)
+        summary = {"teacher": str(workdir.teacher), "fingerprint": meta["fingerprint"], "notes": notes,
+                   "stats": str(workdir.stats) if layers else None, "bn_layers": len(layers or {})}
+        stats_note = f" + class statistics of {len(layers)} BN layers -> {workdir.stats}" if layers else " (no class statistics)"
+        print(f"import teacher: {source} -> {workdir.teacher} ({recipe.model.arch}, {recipe.data.num_classes} classes, "
+              f"fingerprint {meta['fingerprint']}){stats_note}; {'; '.join(notes) or 'nothing mapped or dropped'}")
+        return summary
 
 
 # ------------------------------------------------------------------------------------------ images
@@ -256,43 +257,44 @@ def upstream_to_ours(listing: dict[int, tuple[str, list[tuple[int, str]]]]) -> l
 def import_images(path: str | Path, recipe: Recipe, workdir: WorkDir) -> dict:
     """Copy an upstream image folder (bytes unchanged) into our distilled layout + manifest.json."""
     root, out = Path(path), workdir.distilled
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not empty; delete it or import into another --workdir")
-    num_classes = recipe.data.num_classes
-    listing = _listing(root, num_classes)
-    suffixes = {Path(file).suffix.lower() for _, images in listing.values() for _, file in images}
-    formats = {"jpeg" if suffix in (".jpg", ".jpeg") else suffix[1:] for suffix in suffixes}
-    if len(formats) != 1 or not formats <= set(IMAGE_FORMATS):
-        raise UserError(f"{root} mixes or uses unsupported image types {sorted(suffixes)}; expected all .jpg or all .png")
-    image_format = formats.pop()
-    ipc = max(len(images) for _, images in listing.values())
-    total = sum(len(images) for _, images in listing.values())
-    started = time.perf_counter()
-    with tqdm(total=total, unit="img", desc="import images") as bar:
-        for label, (source, images) in sorted(listing.items()):
-            folder = out / class_folder(label, num_classes)
-            folder.mkdir(parents=True, exist_ok=True)
-            for image_id, file in images:
-                name = image_name(label, image_id, num_classes, ipc, IMAGE_FORMATS[image_format])
-                shutil.copyfile(root / source / file, folder / name)
-                bar.update()
-    distilled = bank.open(out, recipe.data.channels)
-    mapping = upstream_to_ours(listing)
-    manifest = {
-        "format": "lpld-distilled/1", "num_classes": num_classes, "ipc": ipc, "image_format": image_format,
-        "complete": True, "completed": {}, "recipe": recipe.to_dict(),
-        "identity": {"imported": {"path": os.path.abspath(root), "fingerprint": distilled.fingerprint}},
-        "imported_from": {"path": os.path.abspath(root), "layout": "upstream new<class>/class<class>_id<k>",
-                          "images": total, "fingerprint": distilled.fingerprint},
-        "upstream_to_ours": mapping,
-    }
-    write_atomically(out / MANIFEST, lambda partial: partial.write_text(json.dumps(manifest)))
-    moved = sum(1 for i, j in enumerate(mapping) if i != j)
-    print(f"import images: {total} images of {num_classes} classes ({ipc} per class, "
-          f"{distilled.images.shape[-2]}x{distilled.images.shape[-1]}) from {root} -> {out} in "
-          f"{time.perf_counter() - started:.1f} s; {moved} upstream indices differ from class order "
-          f"(string-sorted folders past 1000 classes); fingerprint {distilled.fingerprint}")
-    return {"images": total, "fingerprint": distilled.fingerprint, "reordered": moved}
+    with distributed.sole_writer(out):
+        if out.exists() and any(out.iterdir()):
+            raise UserError(f"{out} exists and is not empty; delete it or import into another --workdir")
+        num_classes = recipe.data.num_classes
+        listing = _listing(root, num_classes)
+        suffixes = {Path(file).suffix.lower() for _, images in listing.values() for _, file in images}
+        formats = {"jpeg" if suffix in (".jpg", ".jpeg") else suffix[1:] for suffix in suffixes}
+        if len(formats) != 1 or not formats <= set(IMAGE_FORMATS):
+            raise UserError(f"{root} mixes or uses unsupported image types {sorted(suffixes)}; expected all .jpg or all .png")
+        image_format = formats.pop()
+        ipc = max(len(images) for _, images in listing.values())
+        total = sum(len(images) for _, images in listing.values())
+        started = time.perf_counter()
+        with tqdm(total=total, unit="img", desc="import images") as bar:
+            for label, (source, images) in sorted(listing.items()):
+                folder = out / class_folder(label, num_classes)
+                folder.mkdir(parents=True, exist_ok=True)
+                for image_id, file in images:
+                    name = image_name(label, image_id, num_classes, ipc, IMAGE_FORMATS[image_format])
+                    shutil.copyfile(root / source / file, folder / name)
+                    bar.update()
+        distilled = bank.open(out, recipe.data.channels)
+        mapping = upstream_to_ours(listing)
+        manifest = {
+            "format": "lpld-distilled/1", "num_classes": num_classes, "ipc": ipc, "image_format": image_format,
+            "complete": True, "completed": {}, "recipe": recipe.to_dict(),
+            "identity": {"imported": {"path": os.path.abspath(root), "fingerprint": distilled.fingerprint}},
+            "imported_from": {"path": os.path.abspath(root), "layout": "upstream new<class>/class<class>_id<k>",
+                              "images": total, "fingerprint": distilled.fingerprint},
+            "upstream_to_ours": mapping,
+        }
+        write_atomically(out / MANIFEST, lambda partial: partial.write_text(json.dumps(manifest)))
+        moved = sum(1 for i, j in enumerate(mapping) if i != j)
+        print(f"import images: {total} images of {num_classes} classes ({ipc} per class, "
+              f"{distilled.images.shape[-2]}x{distilled.images.shape[-1]}) from {root} -> {out} in "
+              f"{time.perf_counter() - started:.1f} s; {moved} upstream indices differ from class order "
+              f"(string-sorted folders past 1000 classes); fingerprint {distilled.fingerprint}")
+        return {"images": total, "fingerprint": distilled.fingerprint, "reordered": moved}
 
 
 # ------------------------------------------------------------------------------------------ labels
@@ -558,18 +560,19 @@ def import_labels(path: str | Path, recipe: Recipe, workdir: WorkDir, out: str |
         header = pruned_header(header, ratio, "random", 0)
         out = out or pruned_path(workdir, ratio)
     out = Path(out or workdir.labels)
-    if (out / META).exists():
-        raise UserError(f"{out} already holds a label store; delete it or pass --out")
-    writer = LabelStoreWriter(out, header, np.arange(len(pairs), dtype=np.int64))
-    dtypes = _write_records(writer, found, pairs, orders, mapping, header)
-    writer.finish()
-    size = sum(f.stat().st_size for f in out.iterdir())
-    kind = f"pruned at ratio {ratio:g}" if len(pairs) < total else "full"
-    print(f"import labels: {len(pairs)} records ({kind}; {batch_size} images each, {num_classes} classes, logits "
-          f"{'/'.join(sorted(dtypes)) or '-'} -> float16) from {root} -> {out}: {size:,d} bytes = {size / GIB:.4f} GiB; "
-          f"dropped {dropped} partial last batches ({num_images % batch_size} images each); image order "
-          f"{order_info['source']} in {time.perf_counter() - started:.1f} s")
-    return out
+    with distributed.sole_writer(out):
+        if (out / META).exists():
+            raise UserError(f"{out} already holds a label store; delete it or pass --out")
+        writer = LabelStoreWriter(out, header, np.arange(len(pairs), dtype=np.int64))
+        dtypes = _write_records(writer, found, pairs, orders, mapping, header)
+        writer.finish()
+        size = sum(f.stat().st_size for f in out.iterdir())
+        kind = f"pruned at ratio {ratio:g}" if len(pairs) < total else "full"
+        print(f"import labels: {len(pairs)} records ({kind}; {batch_size} images each, {num_classes} classes, logits "
+              f"{'/'.join(sorted(dtypes)) or '-'} -> float16) from {root} -> {out}: {size:,d} bytes = {size / GIB:.4f} GiB; "
+              f"dropped {dropped} partial last batches ({num_images % batch_size} images each); image order "
+              f"{order_info['source']} in {time.perf_counter() - started:.1f} s")
+        return out
 
 
 def _write_records(writer: LabelStoreWriter, found: dict, pairs: list, orders, mapping: np.ndarray, header: dict) -> set:
