@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from lpld.labels import GIB
-from lpld.report import Page, format_bytes, pyplot
+from lpld.page import Page, format_bytes, pyplot
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"

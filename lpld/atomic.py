@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import json
 import os
 import socket
 from pathlib import Path
@@ -29,6 +30,11 @@ def write_atomically(path: str | Path, write: Callable[[Path], object]) -> Path:
     write(partial)
     os.replace(partial, path)
     return path
+
+
+def write_json(path: str | Path, value) -> Path:
+    """``value`` as indented, key-sorted JSON, written atomically."""
+    return write_atomically(path, lambda partial: partial.write_text(json.dumps(value, indent=1, sort_keys=True)))
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torchvision
@@ -22,11 +22,19 @@ from .atomic import write_atomically
 from .errors import UserError
 from .recipes import Recipe
 
-if TYPE_CHECKING:
-    from .recover import Job
-
 IMAGE_FORMATS = {"jpeg": "jpg", "png": "png"}
 MANIFEST = "manifest.json"
+
+
+class Job(Protocol):
+    """What the folder needs of a unit of resume (``recover.Job``): its key and each image's class
+    and index within the class."""
+
+    key: str
+    classes: tuple[int, ...]
+    indices: tuple[int, ...]
+
+    def __len__(self) -> int: ...
 
 
 def class_folder(label: int, num_classes: int) -> str:

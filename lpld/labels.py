@@ -7,19 +7,16 @@ label set is a handful of columnar arrays whose row r holds the record with glob
 is the same format with fewer rows, and the whole set is checked against the sha256 recorded per
 array in meta.json before anything trains on it.
 
-Hashing a full-size store takes minutes (ImageNet-21K logits are ~655 GB), so it runs once: the
-writer, or the first open, records in verified.json each array's sha256 next to what ``stat``
-says about its file (size, mtime, ctime, inode), and an open whose files still match that stamp
-skips the hashing. Rewriting, replacing or copying a file changes its stat and forces the hash
-again; damage that stat cannot see (bit rot) takes ``lpld labels verify``, which ignores the stamp.
+Hashing a full-size store takes minutes (ImageNet-21K logits are ~655 GB), so it runs once and is
+then vouched for by a stamp of the files' stat (``stamp.py``); ``lpld labels verify`` hashes anyway.
 
 Partial batches never exist: an epoch's order holds N images but only nb = N // B batches are
 labelled (the last N % B images of that order are skipped), so every record has exactly B rows
 and no "g - 1" remap is needed (SPEC.md section 5).
 
-The logits are kept by a ``LogitCodec`` (meta "topk" and "quant"): all K as fp16 by default (the
-paper's), or the top k per sample, as fp16, 8-bit integer codes or fp8; ``record`` decodes them
-back to dense fp16 logits from one slice per array, so every codec composes with pruning.
+The logits are kept by a ``LogitCodec`` (``codecs.py``; meta "topk" and "quant"): all K as fp16 by
+default (the paper's), or the top k per sample, as fp16, 8-bit integer codes or fp8; ``record``
+decodes them back to dense fp16 logits from one slice per array, so every codec composes with pruning.
 
 Loading never runs code: arrays are read with ``np.load(allow_pickle=False)`` and meta.json is
 plain JSON.
@@ -28,149 +25,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
-import warnings
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import identity
+from .atomic import write_json
 from .augment import Cutout, Record
-from .atomic import write_atomically
+from .codecs import LogitCodec
 from .errors import UserError
 from .fingerprint import file_sha256
+from .stamp import VERIFIED, file_state, hash_arrays, stamped_hashes, write_stamp
 
 FORMAT = "lpld-labels/1"
 META = "meta.json"
 PROGRESS = "progress.json"
-VERIFIED = "verified.json"
-STAMP_FORMAT = "lpld-labels-verified/1"
 GIB = 1024**3
 GB = 1e9
 REQUIRED_META = ("num_images", "batch_size", "num_classes", "channels", "epochs", "batches_per_epoch",
                  "num_records", "size", "flip", "mix", "arrays")
 PARTIAL_BATCH_RULE = "excluded: batches_per_epoch = num_images // batch_size; the last images of each epoch order are not labelled"
-
-
-QUANTS = ("fp16", "int8", "fp8")
-FP8_MAX = 448.0  # largest finite float8_e4m3fn; it has no infinity, so larger values must be clamped
-
-
-def index_dtype(num_classes: int) -> np.dtype:
-    """The narrowest integer type that holds a class index (uint8 up to 256 classes)."""
-    return np.dtype(np.uint8 if num_classes <= 256 else np.int16 if num_classes <= 2**15 else np.int32)
-
-
-@dataclass(frozen=True)
-class LogitCodec:
-    """How a store keeps its logits: all K or the top k per sample, as fp16, int8 or fp8 values.
-
-    - fp16: the teacher's logits rounded to fp16 (the paper's storage).
-    - int8: 8-bit codes with a per-sample fp16 scale and offset (affine over the sample's kept
-      values), 1 byte per value plus 4 per sample.
-    - fp8: float8 e4m3 of the logits minus their sample maximum, 1 byte per value. Softmax does
-      not change under a per-sample shift, and after it the top classes sit near 0, where e4m3 is
-      finest; so the decoded logits equal the stored ones only up to that shift.
-    Top-k stores the k largest values and their class indices; decoding puts -inf elsewhere, so
-    softmax gives the top-k distribution renormalized. Every codec decodes one record from one
-    slice per array, and ``encode`` serves relabel (one record) and prune (many) alike.
-    """
-
-    topk: int = 0
-    quant: str = "fp16"
-
-    @classmethod
-    def of(cls, meta: dict) -> "LogitCodec":
-        return cls(meta.get("topk", 0), meta.get("quant", "fp16"))
-
-    @classmethod
-    def parse(cls, name: str) -> "LogitCodec":
-        """The inverse of ``name``: "fp8" or "top2-fp8" (ValueError for anything else)."""
-        top, _, quant = name.rpartition("-")
-        if quant not in QUANTS or (top and not (top.startswith("top") and top[3:].isdigit() and int(top[3:]) > 0)):
-            raise ValueError(f"not a logit codec: {name!r}")
-        return cls(int(top[3:]) if top else 0, quant)
-
-    def check(self, num_classes: int) -> "LogitCodec":
-        if self.quant not in QUANTS:
-            raise UserError(f"logit quantization {self.quant!r}: choose one of {', '.join(QUANTS)}")
-        if not 0 <= self.topk <= num_classes:
-            raise UserError(f"--topk {self.topk}: must be between 0 (full logits) and the class count {num_classes}")
-        return self
-
-    @property
-    def name(self) -> str:
-        return f"top{self.topk}-{self.quant}" if self.topk else self.quant
-
-    @property
-    def array_names(self) -> tuple[str, ...]:
-        return tuple(self.specs(0, 0, 0))
-
-    def specs(self, rows: int, batch: int, num_classes: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        width = self.topk or num_classes
-        values = np.dtype(np.float16 if self.quant == "fp16" else np.uint8)
-        specs = {"topk_values" if self.topk else "logits": ((rows, batch, width), values)}
-        if self.topk:
-            specs["topk_indices"] = ((rows, batch, self.topk), index_dtype(num_classes))
-        if self.quant == "int8":
-            specs["logit_scale"] = ((rows, batch), np.dtype(np.float16))
-            specs["logit_offset"] = ((rows, batch), np.dtype(np.float16))
-        return specs
-
-    def encode(self, logits) -> dict[str, np.ndarray]:
-        """Arrays (as ``specs`` names them) holding logits [..., K] in this codec."""
-        z = torch.as_tensor(np.asarray(logits)).float()
-        arrays = {}
-        if self.topk:
-            top = z.topk(self.topk, dim=-1)
-            z, arrays["topk_indices"] = top.values, top.indices.numpy()
-        name = "topk_values" if self.topk else "logits"
-        if self.quant == "fp16":
-            arrays[name] = z.to(torch.float16).numpy()
-        elif self.quant == "fp8":
-            shifted = (z - z.amax(dim=-1, keepdim=True)).clamp(min=-FP8_MAX)
-            arrays[name] = shifted.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
-        else:
-            low, high = z.amin(dim=-1), z.amax(dim=-1)
-            offset = low.to(torch.float16)
-            scale = ((high - low) / 255).clamp(min=torch.finfo(torch.float16).tiny).to(torch.float16)
-            codes = ((z - offset.float()[..., None]) / scale.float()[..., None]).round().clamp(0, 255)
-            arrays.update({name: codes.to(torch.uint8).numpy(), "logit_scale": scale.numpy(), "logit_offset": offset.numpy()})
-        return arrays
-
-    def decode(self, arrays: dict[str, np.ndarray], num_classes: int) -> np.ndarray:
-        """Dense fp16 logits [..., K] from this codec's arrays (-inf outside the top k)."""
-        values = np.asarray(arrays["topk_values" if self.topk else "logits"])
-        if self.quant == "fp8":
-            values = torch.tensor(values).view(torch.float8_e4m3fn).to(torch.float16).numpy()  # a copy: memmaps are read-only
-        elif self.quant == "int8":
-            scale = np.asarray(arrays["logit_scale"], dtype=np.float32)[..., None]
-            offset = np.asarray(arrays["logit_offset"], dtype=np.float32)[..., None]
-            values = (values * scale + offset).astype(np.float16)
-        if not self.topk:
-            return values
-        dense = np.full((*values.shape[:-1], num_classes), -np.inf, dtype=np.float16)
-        np.put_along_axis(dense, np.asarray(arrays["topk_indices"]).astype(np.int64), values, axis=-1)
-        return dense
-
-
-def add_codec_arguments(parser: argparse.ArgumentParser) -> None:
-    """--topk and --quant, shared by the commands that write a store (relabel, prune)."""
-    parser.add_argument("--topk", type=int, default=None,
-                        help="keep only the k largest logits per sample (0 = all K; relabel's default 0, as the paper; "
-                             "prune's default: the source's)")
-    parser.add_argument("--quant", choices=QUANTS, default=None,
-                        help="logit values as fp16 (relabel's default, the paper's), int8 (per-sample scale and offset) "
-                             "or fp8 (e4m3); prune's default: the source's")
-
-
-def codec_from_args(args: argparse.Namespace, base: LogitCodec = LogitCodec()) -> LogitCodec:
-    """``base`` with the fields given on the command line replaced."""
-    return LogitCodec(base.topk if args.topk is None else args.topk, args.quant or base.quant)
 
 
 def array_specs(meta: dict) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -194,53 +69,6 @@ def array_specs(meta: dict) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         specs["mix_lam"] = ((rows,), np.dtype(np.float64))
         specs["mix_box"] = ((rows, 4), np.dtype(np.int32))
     return specs
-
-
-def _write_json(path: Path, value: dict) -> None:
-    write_atomically(path, lambda partial: partial.write_text(json.dumps(value, indent=1, sort_keys=True)))
-
-
-def _file_state(file: Path) -> dict:
-    """What stat says about a file: any rewrite, replacement or copy (even one keeping the mtime)
-    changes one of these, so a stamp that still matches them vouches for the bytes it hashed."""
-    stat = file.stat()
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns, "inode": stat.st_ino}
-
-
-def _hash_arrays(path: Path, names: list[str]) -> dict[str, tuple[str, float]]:
-    """sha256 and hashing seconds of each array file, one thread per file (up to the cores): one
-    file hashes at ~1-2 GB/s on one core, and hashlib releases the GIL, so threads overlap."""
-    def timed(name: str) -> tuple[str, float]:
-        start = time.perf_counter()
-        return file_sha256(path / f"{name}.npy"), time.perf_counter() - start
-
-    if not names:
-        return {}
-    with ThreadPoolExecutor(max_workers=min(len(names), os.cpu_count() or 1)) as pool:
-        return dict(zip(names, pool.map(timed, names)))
-
-
-def _write_stamp(path: Path, arrays: dict[str, dict]) -> None:
-    """Record that the arrays with these file states hash to these sha256s (meta.json's state too).
-
-    A store that cannot be written to (read-only copy) still opens; it is hashed on every open."""
-    stamp = {"format": STAMP_FORMAT, META: _file_state(path / META), "arrays": arrays}
-    try:
-        _write_json(path / VERIFIED, stamp)
-    except OSError as error:
-        warnings.warn(f"{path}: cannot write {VERIFIED} ({error}); every open hashes the arrays again "
-                      "(make the directory writable once and run `lpld labels verify` on it)", stacklevel=2)
-
-
-def _read_stamp(path: Path) -> dict:
-    """The stamp's entry per array, or {} when absent, unreadable, or made for another meta.json."""
-    try:
-        stamp = json.loads((path / VERIFIED).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    if not isinstance(stamp, dict) or stamp.get("format") != STAMP_FORMAT or stamp.get(META) != _file_state(path / META):
-        return {}
-    return stamp.get("arrays", {}) if isinstance(stamp.get("arrays"), dict) else {}
 
 
 def _put(arrays: dict, codec: LogitCodec, row: int, record: Record) -> None:
@@ -304,7 +132,7 @@ class LabelStoreWriter:
             raise UserError(f"{self.path} holds other record ids; delete it or choose another output directory")
 
     def _save_progress(self) -> None:
-        _write_json(self.path / PROGRESS, {"header": self.header, "complete_epochs": sorted(self.complete_epochs)})
+        write_json(self.path / PROGRESS, {"header": self.header, "complete_epochs": sorted(self.complete_epochs)})
 
     def rows_of_epoch(self, epoch: int) -> np.ndarray:
         nb = self.header["batches_per_epoch"]
@@ -328,12 +156,12 @@ class LabelStoreWriter:
             return self.path
         self.flush()
         self.arrays = {}
-        states = {name: _file_state(self.path / f"{name}.npy") for name in self.specs}  # before hashing: a later write shows
-        digests = {name: digest for name, (digest, _) in _hash_arrays(self.path, list(self.specs)).items()}
+        states = {name: file_state(self.path / f"{name}.npy") for name in self.specs}  # before hashing: a later write shows
+        digests = {name: digest for name, (digest, _) in hash_arrays(self.path, list(self.specs)).items()}
         arrays = {name: {"shape": list(shape), "dtype": dtype.str, "sha256": digests[name]}
                   for name, (shape, dtype) in self.specs.items()}
-        _write_json(self.path / META, dict(self.header, arrays=arrays))
-        _write_stamp(self.path, {name: dict(states[name], sha256=digests[name]) for name in self.specs})
+        write_json(self.path / META, dict(self.header, arrays=arrays))
+        write_stamp(self.path, self.path / META, {name: dict(states[name], sha256=digests[name]) for name in self.specs})
         (self.path / PROGRESS).unlink()
         self.done = True
         return self.path
@@ -407,29 +235,11 @@ class LabelStore:
             raise UserError(f"{path}: meta lists arrays {sorted(meta.get('arrays', {}))}, expected {sorted(specs)}")
         for name, (shape, dtype) in specs.items():
             cls._verify_array(path, name, shape, dtype, meta["arrays"][name])
-        hashed = cls._verify_checksums(path, meta, trust_stamp) if verify_checksums else {}
+        hashed = stamped_hashes(path, path / META, meta, trust_stamp) if verify_checksums else {}
         store = cls(path, meta)
         store.hashed = hashed
         store._verify_contents()
         return store
-
-    @staticmethod
-    def _verify_checksums(path: Path, meta: dict, trust_stamp: bool) -> dict[str, float]:
-        """Hash the arrays the stamp does not vouch for, compare with meta.json, renew the stamp;
-        return the seconds spent per array hashed."""
-        declared = {name: entry["sha256"] for name, entry in meta["arrays"].items()}
-        states = {name: _file_state(path / f"{name}.npy") for name in declared}  # before hashing: a later write shows
-        stamped = _read_stamp(path) if trust_stamp else {}
-        vouched = {name: dict(states[name], sha256=declared[name]) for name in declared}
-        stale = [name for name in declared if stamped.get(name) != vouched[name]]
-        hashed = _hash_arrays(path, stale)
-        for name, (digest, _) in hashed.items():
-            if digest != declared[name]:
-                raise UserError(f"{path / f'{name}.npy'}: sha256 differs from meta.json (corrupted or modified); "
-                                "re-copy or regenerate the store")
-        if stale:
-            _write_stamp(path, vouched)
-        return {name: seconds for name, (_, seconds) in hashed.items()}
 
     @staticmethod
     def _verify_array(path: Path, name: str, shape, dtype, declared: dict) -> None:

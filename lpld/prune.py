@@ -31,7 +31,8 @@ import numpy as np
 
 from . import distributed, seeds
 from .errors import UserError
-from .labels import LabelStore, LabelStoreWriter, LogitCodec, add_codec_arguments, codec_from_args, storage_report
+from .codecs import LogitCodec, add_codec_arguments, codec_from_args
+from .labels import LabelStore, LabelStoreWriter, storage_report
 from .workdir import WorkDir
 
 ROWS_PER_COPY = 256

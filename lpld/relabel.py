@@ -32,8 +32,8 @@ from tqdm import tqdm
 from . import distributed, seeds
 from .augment import Record, replay, sample_crop_boxes, sample_cutmix, sample_cutout, sample_flips
 from .errors import UserError
-from .labels import (GIB, PARTIAL_BATCH_RULE, LabelStore, LabelStoreWriter, LogitCodec, add_codec_arguments,
-                     codec_from_args, storage_report)
+from .codecs import LogitCodec, add_codec_arguments, codec_from_args
+from .labels import GIB, PARTIAL_BATCH_RULE, LabelStore, LabelStoreWriter, storage_report
 from .recipes import Recipe, add_recipe_arguments, recipe_from_args
 from .workdir import WorkDir
 
@@ -65,7 +65,7 @@ def label_header(recipe: Recipe, images: torch.Tensor, dataset_fingerprint: str,
                  codec: LogitCodec = LogitCodec()) -> dict:
     """Everything a label store records about how it was made (the meta minus array checksums).
 
-    ``codec`` keeps fewer or narrower logits (top-k, int8, fp8; see ``labels.LogitCodec``). The
+    ``codec`` keeps fewer or narrower logits (top-k, int8, fp8; see ``codecs.LogitCodec``). The
     default is the paper's full fp16 logits: LPLD's point is that pruning whole records already
     gives 10-100x, and the codecs compose with it.
     """

@@ -37,8 +37,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .codecs import LogitCodec
 from .errors import UserError
-from .labels import LogitCodec
+from .page import pyplot
 from .recipes import Recipe, add_recipe_arguments, recipe_from_args
 from .workdir import WorkDir
 
@@ -259,8 +260,6 @@ def format_table(results: dict) -> str:
 def figure(results: dict):
     """Top-1 against logit compression (log x): a line per batching and IPC over the pruning
     ratios (error bars: seed standard deviation), the codec cells as open markers."""
-    from .report import pyplot
-
     drawing, axis = pyplot().subplots(figsize=(8, 5))
     colors = {"class-wise": "tab:blue", "across-class": "tab:red"}
     ipcs = sorted({c["ipc"] for c in results["cells"]})
@@ -301,8 +300,6 @@ def write_results(stem: Path, results: dict) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
     stem.with_suffix(".md").write_text(format_table(results))
-    from .report import pyplot
-
     picture = figure(results)
     picture.savefig(stem.with_suffix(".png"), dpi=120)
     pyplot().close(picture)

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from lpld import augment, fingerprint, labels
+from lpld import augment, fingerprint, labels, stamp
 from lpld.errors import UserError
 from lpld.labels import LabelStore, LabelStoreWriter
+from lpld.stamp import file_state
 
 N, B, K, C, E, SIZE = 23, 5, 7, 3, 3, 16  # nb = 4: the last 3 images of each epoch order are not labelled
 
@@ -278,14 +279,14 @@ def test_unknown_codec_is_refused(tmp_path):
 
 @pytest.fixture
 def hash_calls(monkeypatch):
-    """Names of the array files hashed (the store's only caller of file_sha256 on arrays)."""
+    """Names of the array files hashed (the stamp's hashing is the store's only caller of file_sha256 on arrays)."""
     calls = []
 
     def counting(path, *args):
         calls.append(path.name)
         return fingerprint.file_sha256(path, *args)
 
-    monkeypatch.setattr(labels, "file_sha256", counting)
+    monkeypatch.setattr(stamp, "file_sha256", counting)
     return calls
 
 
@@ -348,7 +349,7 @@ def test_a_copy_keeping_mtimes_and_an_edit_restoring_them_are_hashed(store_path,
 def test_verify_ignores_a_stamp_that_stat_cannot_fault(store_path, capsys):
     _flip_byte(store_path / "logits.npy")
     stamp = json.loads((store_path / labels.VERIFIED).read_text())
-    stamp["arrays"]["logits"].update(labels._file_state(store_path / "logits.npy"))  # as after bit rot
+    stamp["arrays"]["logits"].update(file_state(store_path / "logits.npy"))  # as after bit rot
     (store_path / labels.VERIFIED).write_text(json.dumps(stamp))
     LabelStore.open(store_path)  # the stamp vouches for it: opens stay O(stat)
     parser = argparse.ArgumentParser()
@@ -368,10 +369,10 @@ def test_verify_ignores_a_stamp_that_stat_cannot_fault(store_path, capsys):
 def test_read_only_store_opens_and_warns_that_it_hashes_every_time(store_path, hash_calls, monkeypatch):
     (store_path / labels.VERIFIED).unlink()
 
-    def read_only(path, write):
+    def read_only(path, value):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(labels, "write_atomically", read_only)
+    monkeypatch.setattr(stamp, "write_json", read_only)
     with pytest.warns(UserWarning, match="cannot write verified.json"):
         LabelStore.open(store_path)
         hashed_once = len(hash_calls)

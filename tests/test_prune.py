@@ -7,7 +7,8 @@ import torch
 
 from lpld import prune
 from lpld.errors import UserError
-from lpld.labels import LabelStore, LogitCodec
+from lpld.codecs import LogitCodec
+from lpld.labels import LabelStore
 
 
 @pytest.mark.parametrize("ratio,factor", [(0.0, 1), (0.9, 10), (0.95, 20), (0.975, 40), (0.99, 100)])

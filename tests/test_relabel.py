@@ -8,7 +8,8 @@ from torch import nn
 
 from lpld import augment, bank, distributed, models, prune, relabel
 from lpld.errors import UserError
-from lpld.labels import VERIFIED, LabelStore, LogitCodec
+from lpld.codecs import LogitCodec
+from lpld.labels import VERIFIED, LabelStore
 from lpld.recipes import get_recipe
 
 N = 23  # with batch 5: 4 batches per epoch, 3 images of each epoch order unlabelled

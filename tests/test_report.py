@@ -9,6 +9,7 @@ import torch
 from torchvision.io import read_image
 
 from lpld import report as reporting
+from lpld import report_images
 from lpld.cli import main
 from lpld.errors import UserError
 from lpld.recipes import PAPER_HEADLINE, paper_points
@@ -89,7 +90,7 @@ def test_each_grid_tile_equals_the_distilled_image_it_shows(small_run):
     for grid in grids:
         picture = read_image(str(small_run.report / grid["png"]))
         scale, pad, nrow = grid["scale"], grid["padding"], grid["nrow"]
-        assert scale * SIDE >= reporting.GRID_TILE and grid["tile"] == [SIDE * scale] * 2
+        assert scale * SIDE >= report_images.GRID_TILE and grid["tile"] == [SIDE * scale] * 2
         assert len(grid["files"]) == IPC and all(f"/{grid['folder']}/" in path for path in grid["files"])
         step = SIDE * scale + pad  # make_grid: tiles of H*scale separated and surrounded by `pad` pixels
         for i, path in enumerate(grid["files"]):
@@ -182,7 +183,7 @@ def test_large_sets_show_a_spread_subset_or_the_chosen_classes(tmp_path):
     write_distilled(workdir.distilled, 30, "class-wise", seed=5, recipe="tiny", dataset="tiny", ipc=1)
     reporting.write_report(workdir)
     shown = [grid["folder"] for grid in report_data(workdir)["distilled"]["grids"]]
-    assert len(shown) == reporting.SUBSET_CLASSES and shown[0] == "c00000" and shown[-1] == "c00029"
+    assert len(shown) == report_images.SUBSET_CLASSES and shown[0] == "c00000" and shown[-1] == "c00029"
     assert "--classes" in (workdir.report / "index.html").read_text()
     reporting.write_report(workdir, classes="3, c00017,3")
     assert [grid["folder"] for grid in report_data(workdir)["distilled"]["grids"]] == ["c00003", "c00017"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lpld.cli import main
-from lpld.labels import LogitCodec
+from lpld.codecs import LogitCodec
 from lpld.reproduce import Cell, Grid, summarize
 
 from test_run import TINY

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from lpld import augment, bank, models, recover, train, upstream
+from lpld import augment, bank, models, recover, torchfiles, train, upstream
 from lpld.errors import UserError
 from lpld.labels import LabelStore
 from lpld.recipes import get_recipe
@@ -158,7 +158,7 @@ def test_numpy_1_scalar_name_is_accepted(tmp_path):
                 assert b"numpy._core.multiarray\nscalar" in data
                 data = data.replace(b"numpy._core.multiarray\nscalar", b"numpy.core.multiarray\nscalar")
             target.writestr(info, data)
-    assert upstream.load_plain(tmp_path / "old.tar", upstream._numpy_int64_globals()) == [5, 3]
+    assert torchfiles.load_plain(tmp_path / "old.tar", torchfiles.numpy_int64_globals()) == [5, 3]
 
 
 # ------------------------------------------------------------------------------------------- images
@@ -365,7 +365,7 @@ def test_bad_label_directories_are_refused(tmp_path, imported_images):
     with pytest.raises(UserError, match="recipe has 7"):
         upstream.import_labels(tmp_path / "fkd", recipe_for("imagenet1k", "data.num_classes=7"), workdir)
     file = tmp_path / "fkd" / "epoch_1" / "batch_1.tar"
-    batch = upstream.load_plain(file, upstream._numpy_int64_globals())
+    batch = torchfiles.load_plain(file, torchfiles.numpy_int64_globals())
     torch.save([*batch[:5], torch.zeros(BATCH, CLASSES + 1)], file)
     with pytest.raises(UserError, match="epoch_1/batch_1.tar: logits are"):
         upstream.import_labels(tmp_path / "fkd", recipe, workdir, out=tmp_path / "a")
