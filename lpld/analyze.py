@@ -3,7 +3,7 @@
 ``diversity`` (paper Table 1): the mean cosine similarity between the teacher's penultimate
 features of two different images of the same class. Class-wise recovery is meant to lower it
 against SRe2L's across-class batches, where every image of a class is pushed to the same global
-statistics.
+statistics; ``real_diversity`` measures a sample of the real training images, the reference.
 """
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torchvision.transforms import v2
 
-from . import bank, distributed, models
+from . import bank, data, distributed, models
 from .errors import UserError
 from .recipes import Recipe, add_recipe_arguments, recipe_from_args
 from .workdir import WorkDir
@@ -75,16 +76,46 @@ def teacher_inputs(images: torch.Tensor, recipe: Recipe) -> torch.Tensor:
     return (pixels - mean) / std
 
 
+def diversity_of(images: torch.Tensor, labels: torch.Tensor, classes: list[str], recipe: Recipe,
+                 teacher: torch.nn.Module, where: str) -> Diversity:
+    """Within-class feature similarity of uint8 ``images`` [N, C, H, W] with these labels under ``teacher``."""
+    features = penultimate_features(teacher, images, prepare=lambda batch: teacher_inputs(batch, recipe))
+    per_label = within_class_cosine(features, labels)
+    if not per_label:
+        raise UserError(f"{where}: no class has two images, so no within-class similarity exists")
+    per_class = {classes[label]: value for label, value in sorted(per_label.items())}
+    return Diversity(per_class, sum(per_class.values()) / len(per_class))
+
+
 def diversity(path: str | Path, recipe: Recipe, teacher_path: str | Path, device) -> Diversity:
     """Within-class feature similarity of the ImageFolder at ``path`` under the given teacher."""
     images = bank.open(path, recipe.data.channels)
     teacher = models.load_teacher(teacher_path, recipe, device)
-    features = penultimate_features(teacher, images.images, prepare=lambda batch: teacher_inputs(batch, recipe))
-    per_label = within_class_cosine(features, images.labels)
-    if not per_label:
-        raise UserError(f"{path}: no class has two images, so no within-class similarity exists")
-    per_class = {images.classes[label]: value for label, value in sorted(per_label.items())}
-    return Diversity(per_class, sum(per_class.values()) / len(per_class))
+    return diversity_of(images.images, images.labels, images.classes, recipe, teacher, str(path))
+
+
+def real_sample(recipe: Recipe, per_class: int, seed: int = 0, listings: Path | None = None):
+    """(uint8 images [K * n, C, R, R], labels, class names): ``per_class`` real training images of each
+    class, a seeded choice, resized and centre-cropped to the recipe resolution R (no augmentation)."""
+    resolution = recipe.data.resolution
+    view = v2.Compose([v2.Resize(resolution, antialias=True), v2.CenterCrop(resolution)])
+    dataset = data.load_real(recipe.data, "train", view, listings)
+    generator = torch.Generator().manual_seed(seed)
+    picks = []
+    for label in range(len(dataset.classes)):
+        members = (dataset.targets == label).nonzero().flatten()
+        picks += members[torch.randperm(len(members), generator=generator)[:per_class]].tolist()
+    images = torch.stack([dataset[index][0] for index in picks])
+    return images, dataset.targets[picks], list(dataset.classes)
+
+
+def real_diversity(recipe: Recipe, teacher_path: str | Path, device, per_class: int,
+                   listings: Path | None = None) -> Diversity:
+    """The same measure on a sample of the real training images: the reference the paper's Table 1
+    sets distilled sets against."""
+    images, labels, classes = real_sample(recipe, per_class, listings=listings)
+    teacher = models.load_teacher(teacher_path, recipe, device)
+    return diversity_of(images, labels, classes, recipe, teacher, f"{recipe.data.root} (real train images)")
 
 
 def register(subparsers) -> None:

@@ -1,7 +1,8 @@
 """``lpld run``: the whole pipeline in one work directory, resuming whatever an earlier run left.
 
-squeeze -> stats -> recover -> relabel -> prune -> train (full labels, and pruned at
-recipe.prune.ratio) -> eval -> report (WORKDIR/report/index.html, whose path it prints last).
+squeeze -> stats -> recover -> diversity (of the distilled set and of as many real training images
+per class, paper Table 1) -> relabel -> prune -> train (full labels, and pruned at recipe.prune.ratio)
+-> eval -> report (WORKDIR/report/index.html, whose path it prints last).
 Every stage skips or resumes on its own artifact, so rerunning the command after an interruption
 continues where it stopped. The closing table puts the teacher's accuracy next to both students',
 with the label bytes, the compression factor and each stage's throughput and wall time (also
@@ -38,13 +39,16 @@ def _recover_complete(workdir: WorkDir) -> bool:
     return manifest.is_file() and bool(json.loads(manifest.read_text()).get("complete"))
 
 
+REAL_SET = "real"  # the name of the real images' series in the report's diversity section
+
+
 def student_name(ratio: float) -> str:
     return f"r{ratio:g}"
 
 
 def run(recipe: Recipe, workdir: WorkDir, device: torch.device | str | None = None) -> dict:
     """Run (or finish) every stage; return the summary also written to ``workdir.summary``."""
-    from . import evaluate, labels, prune, recover, relabel, report, squeeze, stats, train
+    from . import analyze, evaluate, labels, prune, recover, relabel, report, squeeze, stats, train
 
     wall_start = time.perf_counter()
     distributed.init(device)
@@ -63,6 +67,18 @@ def run(recipe: Recipe, workdir: WorkDir, device: torch.device | str | None = No
             full = labels.LabelStore.open(workdir.labels)
             prune.prune_store(full, pruned, ratio, recipe.prune.pool, recipe.prune.seed)
 
+    def measure_diversity():  # after recover: the distilled set is named by its manifest's batching
+        distilled = analyze.set_name(workdir.distilled)
+        if distributed.is_main() and not workdir.diversity(distilled).is_file():
+            found = analyze.diversity(workdir.distilled, recipe, workdir.teacher, device)
+            analyze.write_diversity(workdir, distilled, workdir.distilled, found)
+        if distributed.is_main() and not workdir.diversity(REAL_SET).is_file():
+            found = analyze.real_diversity(recipe, workdir.teacher, device, recipe.recover.ipc, workdir.listings)
+            analyze.write_diversity(workdir, REAL_SET, f"{recipe.data.root} (train)", found)
+
+    def diversity_done():
+        return all(workdir.diversity(name).is_file() for name in (analyze.set_name(workdir.distilled), REAL_SET))
+
     relabel_images = recipe.relabel.epochs * (recipe.recover.ipc * recipe.data.num_classes
                                               // recipe.relabel.batch_size) * recipe.relabel.batch_size
     stages = [
@@ -72,6 +88,7 @@ def run(recipe: Recipe, workdir: WorkDir, device: torch.device | str | None = No
               lambda result: result.meta["images"]),
         Stage("recover", lambda: _recover_complete(workdir), lambda: recover.recover(recipe, workdir, device),
               lambda _: recipe.data.num_classes * recipe.recover.ipc * recipe.recover.iterations, "img-steps/s"),
+        Stage("diversity", diversity_done, measure_diversity, lambda _: 2 * recipe.data.num_classes * recipe.recover.ipc),
         Stage("relabel", store_done[workdir.labels], lambda: relabel.relabel(recipe, workdir, device),
               lambda _: relabel_images),
         Stage("prune", store_done[pruned], prune_labels, lambda _: None),

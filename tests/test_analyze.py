@@ -72,6 +72,36 @@ def test_diversity_of_an_imagefolder_matches_a_direct_computation(teacher_and_fo
     assert report.per_class["c00001"] > report.per_class["c00000"]  # the similar images score higher
 
 
+def test_real_diversity_measures_a_seeded_sample_of_the_training_images(teacher_and_folder):
+    """n images per class of the real train split, at the recipe resolution (32 px files centre-cropped
+    to 16 after a resize), under the same measure as the distilled sets."""
+    recipe, model, _, root = teacher_and_folder
+    generator = torch.Generator().manual_seed(2)
+    for label in range(3):
+        folder = root / "real" / "train" / f"class{label}"
+        folder.mkdir(parents=True)
+        for index in range(6):
+            torchvision.io.write_png(torch.randint(0, 256, (1, 32, 32), generator=generator, dtype=torch.uint8),
+                                     str(folder / f"{index}.png"))
+    recipe = get_recipe("fmnist", ["data.num_classes=3", "data.resolution=16", "data.dataset=imagefolder",
+                                   f"data.root={root / 'real'}"])
+    images, labels, classes = analyze.real_sample(recipe, 4)
+    assert images.shape == (12, 1, 16, 16) and images.dtype == torch.uint8
+    assert labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4 and classes == ["class0", "class1", "class2"]
+    again, _, _ = analyze.real_sample(recipe, 4)
+    assert torch.equal(again, images)  # seeded
+    files = sorted((root / "real" / "train" / "class1").iterdir())
+    resized = [torchvision.transforms.v2.functional.resize(torchvision.io.decode_image(str(f)), [16], antialias=True)
+               for f in files]
+    assert all(any(torch.equal(image, candidate) for candidate in resized) for image in images[4:8])
+    report = analyze.real_diversity(recipe, root / "teacher.safetensors", "cpu", 4)
+    mean, std = recipe.data.mean[0], recipe.data.std[0]
+    with torch.no_grad():
+        features = _resnet_features(model, (images.float() / 255 - mean) / std)
+    expected = _numpy_within_class(features.double().numpy(), labels.numpy())
+    assert list(report.per_class.values()) == pytest.approx([expected[c] for c in range(3)], abs=1e-5)
+
+
 def test_command_prints_and_writes_the_report(teacher_and_folder, capsys):
     recipe, _, _, root = teacher_and_folder
     parser = argparse.ArgumentParser()

@@ -32,7 +32,12 @@ def test_run_chains_every_stage_then_reuses_them(tmp_path, capsys):
     assert json.loads((workdir.report / "report.json").read_text())["accuracy"]["teacher"] == summary["teacher"]["top1"]
 
     stages = [row["stage"] for row in summary["stages"]]
-    assert stages == ["squeeze", "stats", "recover", "relabel", "prune", "train r0", "train r0.75", "eval teacher"]
+    assert stages == ["squeeze", "stats", "recover", "diversity", "relabel", "prune", "train r0", "train r0.75",
+                      "eval teacher"]
+    report = json.loads((workdir.report / "report.json").read_text())
+    assert report["missing"] == []  # the demo's report opens without a "Missing" box
+    assert sorted(report["diversity"]) == ["class-wise", "real"]
+    assert all(len(series["per_class"]) == CLASSES for series in report["diversity"].values())
     passes = {row["stage"]: row["images_per_sec"] * row["seconds"] for row in summary["stages"][:2]}
     assert passes == {"squeeze": pytest.approx(4 * CLASSES), "stats": pytest.approx(4 * CLASSES)}  # 1 epoch, 1 pass
     assert not any(row["reused"] for row in summary["stages"])
