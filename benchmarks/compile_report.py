@@ -114,7 +114,7 @@ def launched_variants(archs=ARCHS) -> list[dict]:
                     student = torch.empty(rows, classes, dtype=student_dtype)
                     with kernels_replaced(kl_div, _recorder(launches)), \
                             mock.patch.object(kl_div, "wanted_programs", lambda _device, arch=arch: 4 * SMS[arch]):
-                        kl_div._triton_forward(student, torch.empty(rows, classes, dtype=teacher_dtype), 20.0, 1.0,
+                        kl_div._triton_forward(student, torch.empty(rows, classes, dtype=teacher_dtype), 20.0, 1.0, 1.0,
                                                need_grad)
                     for launch in launches[before:]:
                         why.setdefault(_key(launch), set()).add(

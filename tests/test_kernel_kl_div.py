@@ -31,17 +31,18 @@ def make_logits(rows, classes, student_dtype=torch.float32, teacher_dtype=torch.
     return student.to(device), teacher.to(device)
 
 
-def loss_and_grad(student, teacher, temperature, scale_t2, backend):
+def loss_and_grad(student, teacher, temperature, scale_t2, backend, student_temperature=None):
     student = student.detach().requires_grad_()
-    loss = lpld_kernels.soft_kl_div(student, teacher, temperature, scale_t2, backend=backend)
+    loss = lpld_kernels.soft_kl_div(student, teacher, temperature, scale_t2, backend=backend,
+                                    student_temperature=student_temperature)
     (grad,) = torch.autograd.grad(loss, student)
     return loss, grad
 
 
-def assert_matches_float64(student, teacher, temperature=1.0, scale_t2=False, backend="triton"):
-    loss, grad = loss_and_grad(student, teacher, temperature, scale_t2, backend)
+def assert_matches_float64(student, teacher, temperature=1.0, scale_t2=False, backend="triton", student_temperature=None):
+    loss, grad = loss_and_grad(student, teacher, temperature, scale_t2, backend, student_temperature)
     ref_student = student.detach().cpu().double().requires_grad_()
-    ref_loss = soft_kl_div_reference(ref_student, teacher.cpu().double(), temperature, scale_t2)
+    ref_loss = soft_kl_div_reference(ref_student, teacher.cpu().double(), temperature, scale_t2, student_temperature)
     (ref_grad,) = torch.autograd.grad(ref_loss, ref_student)
     assert loss.dtype == torch.float32 and grad.dtype == student.dtype and torch.isfinite(grad).all()
     torch.testing.assert_close(loss.double().cpu(), ref_loss, rtol=LOSS_RTOL, atol=1e-6)
@@ -61,14 +62,46 @@ def test_loss_and_grad_match_float64(backend, student_dtype, teacher_dtype, temp
 @settings(max_examples=20, deadline=None)
 @given(
     rows=st.integers(1, 8), classes=st.integers(1, 300), temperature=st.floats(0.5, 20.0),
+    student_temperature=st.one_of(st.none(), st.floats(0.05, 20.0)),
     scale_t2=st.booleans(), student_dtype=st.sampled_from(list(GRAD_RTOL)), seed=st.integers(0, 2**16),
     programs=st.sampled_from([1, 64]),
 )
-def test_random_shapes_match_float64(rows, classes, temperature, scale_t2, student_dtype, seed, programs):
+def test_random_shapes_match_float64(rows, classes, temperature, student_temperature, scale_t2, student_dtype, seed,
+                                     programs):
     """``programs=64`` (with 16-column slices) cuts K into slices the way a GPU launch does for few rows."""
     with mock.patch.object(kl_div, "wanted_programs", lambda device: programs), \
             mock.patch.object(kl_div, "MIN_SLICE_K", 16):
-        assert_matches_float64(*make_logits(rows, classes, student_dtype, seed=seed), temperature, scale_t2)
+        assert_matches_float64(*make_logits(rows, classes, student_dtype, seed=seed), temperature, scale_t2,
+                               student_temperature=student_temperature)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("programs", [1, 64], ids=["one-slice", "k-slices"])
+def test_separate_student_temperature_is_the_written_out_definition(backend, programs):
+    """KL(softmax(z_t / T_t) || softmax(z_s / T_s)) and its gradient (p_s - p_t) / (N T_s), written out in
+    float64 here; T^2 scaling squares the teacher's temperature; equal temperatures are the one-T call."""
+    student, teacher = make_logits(5, 300, teacher_dtype=torch.float32)
+    s, t = student.cpu().double(), teacher.cpu().double()
+    for teacher_temperature, student_temperature, scale_t2 in ((20.0, 0.37, False), (4.0, 1.0, True), (2.0, 8.0, False)):
+        p_t = torch.softmax(t / teacher_temperature, 1)
+        log_p_s = torch.log_softmax(s / student_temperature, 1)
+        scale = teacher_temperature**2 if scale_t2 else 1.0
+        expected = scale * (p_t * (p_t.log() - log_p_s)).sum() / 5
+        expected_grad = scale * (log_p_s.exp() - p_t) / (5 * student_temperature)
+        with mock.patch.object(kl_div, "wanted_programs", lambda device: programs), \
+                mock.patch.object(kl_div, "MIN_SLICE_K", 64):
+            loss, grad = loss_and_grad(student, teacher, teacher_temperature, scale_t2, backend, student_temperature)
+        torch.testing.assert_close(loss.double().cpu(), expected, rtol=LOSS_RTOL, atol=1e-7)
+        torch.testing.assert_close(grad.double().cpu(), expected_grad, rtol=1e-4, atol=1e-4 * expected_grad.abs().max().item())
+    same, _ = loss_and_grad(student, teacher, 3.0, False, backend, 3.0)
+    one_t, _ = loss_and_grad(student, teacher, 3.0, False, backend)
+    assert torch.equal(same, one_t)
+    with pytest.raises(ValueError, match="temperatures must be positive"):
+        lpld_kernels.soft_kl_div(student, teacher, 2.0, student_temperature=0.0)
+    module = lpld_kernels.SoftKLDivLoss(20.0, student_temperature=0.5, backend=backend)
+    torch.testing.assert_close(module(student, teacher), soft_kl_div_reference(student, teacher, 20.0, False, 0.5),
+                               rtol=LOSS_RTOL, atol=1e-7)
+    assert "student_temperature=0.5" in repr(module)
 
 
 @pytest.mark.parametrize("rows, classes", [(1, 10), (3, 10), (2, 10450)])
@@ -154,7 +187,7 @@ def test_constant_student_needs_no_gradient_buffer():
     student, teacher = make_logits(3, 20)
     loss = lpld_kernels.soft_kl_div(student, teacher, 2.0, backend="triton")
     torch.testing.assert_close(loss.double(), soft_kl_div_reference(student.double(), teacher.double(), 2.0))
-    _, grad = torch.ops.lpld.soft_kl_div(student, teacher, 2.0, 1.0, False, True)
+    _, grad = torch.ops.lpld.soft_kl_div(student, teacher, 2.0, 2.0, 1.0, False, True)
     assert grad.numel() == 0
 
 
@@ -181,7 +214,7 @@ def test_custom_op_passes_opcheck(use_triton):
     """Schema, fake (meta) implementation, registered autograd and AOT dispatch agree with the real op."""
     student, teacher = make_logits(3, 20, teacher_dtype=torch.float32)
     for need_grad in (True, False):
-        args = (student.clone().requires_grad_(need_grad), teacher, 4.0, 16.0, need_grad, use_triton)
+        args = (student.clone().requires_grad_(need_grad), teacher, 4.0, 0.5, 16.0, need_grad, use_triton)
         torch.library.opcheck(torch.ops.lpld.soft_kl_div.default, args)
 
 
