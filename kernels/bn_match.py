@@ -309,7 +309,7 @@ def _one_layout(xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 def class_bn_loss_layers(xs: Sequence[torch.Tensor], groups: torch.Tensor, target_mean: torch.Tensor,
                          target_var: torch.Tensor, weights: Sequence[float], rows: torch.Tensor | None = None, *,
                          rms: bool = False, backend: str | None = None) -> torch.Tensor:
-    """sum_l w_l * (class BN matching loss of layer l): every BN layer of a step in three launches.
+    """sum_l w_l * (class BN matching loss of layer l): every BN layer of a step in four launches.
 
     xs: the BN inputs [B, C_l, H_l, W_l], one dtype (float32/bfloat16/float16; float64 on the torch
     backend), NCHW or channels_last; groups: int [B] in [0, G); target_mean / target_var: one table

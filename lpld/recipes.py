@@ -2,8 +2,8 @@
 
 A recipe is a tree of frozen dataclasses, one per stage. Values come from SPEC.md (sections 1.3,
 3, 4, 6 and 10); the ``fmnist`` recipe is ours, sized so that the whole pipeline runs in minutes
-on 2 CPU cores (README.md says what it trades away). Any field can be overridden from the CLI
-with ``--set stage.field=value``.
+on 2 CPU cores (docs/pipeline.md, "Recipes", says what it trades away). Any field can be
+overridden from the CLI with ``--set stage.field=value``.
 """
 from __future__ import annotations
 

@@ -67,7 +67,7 @@ class Cell:
 @dataclass(frozen=True)
 class Grid:
     ipcs: tuple[int, ...] = (10, 50)
-    epochs: tuple[int, ...] = (100, 20)  # student epochs per IPC: 400 steps of 25 images each (see README)
+    epochs: tuple[int, ...] = (100, 20)  # student epochs per IPC: 400 steps of 25 images each (see docs/reproduce.md)
     ratios: tuple[float, ...] = PAPER_RATIOS
     frontier: tuple[str, ...] = FRONTIER  # "ratio:codec" cells at the smallest IPC
     seeds: int = 3

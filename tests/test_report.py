@@ -191,14 +191,14 @@ def test_large_sets_show_a_spread_subset_or_the_chosen_classes(tmp_path):
         reporting.write_report(workdir, classes="Zebra")
 
 
-# ---------------------------------------------------------------- the benchmark page and the README's table
+# ---------------------------------------------------------------- the benchmark page and docs/benchmarks.md's table
 
-def test_the_readmes_benchmark_table_is_generated_from_the_committed_results():
+def test_the_docs_benchmark_table_is_generated_from_the_committed_results():
     from benchmarks import report as bench
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert bench.readme_table(readme) == bench.markdown_table(bench.load_results()), \
-        "README's benchmark table is stale: run `python -m benchmarks.report --readme`"
+    page = (Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md").read_text()
+    assert bench.docs_table(page) == bench.markdown_table(bench.load_results()), \
+        "docs/benchmarks.md's benchmark table is stale: run `python -m benchmarks.report --docs`"
 
 
 def test_benchmark_page_plots_the_results_with_a_column_per_machine(tmp_path, capsys):
