@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from . import distributed
+from .codecs import LogitCodec
 from .recipes import Recipe, add_recipe_arguments, recipe_from_args
 from .workdir import WorkDir
 
@@ -65,7 +66,8 @@ def run(recipe: Recipe, workdir: WorkDir, device: torch.device | str | None = No
     def prune_labels():
         if distributed.is_main():
             full = labels.LabelStore.open(workdir.labels)
-            prune.prune_store(full, pruned, ratio, recipe.prune.pool, recipe.prune.seed)
+            codec = LogitCodec(topk=recipe.prune.topk) if recipe.prune.topk else None
+            prune.prune_store(full, pruned, ratio, recipe.prune.pool, recipe.prune.seed, codec)
 
     def measure_diversity():  # after recover: the distilled set is named by its manifest's batching
         distilled = analyze.set_name(workdir.distilled)

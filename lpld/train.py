@@ -2,8 +2,8 @@
 
 One batch, followed by name: ``PlanSampler`` picks record g (``lpld.prune.plan``) -> ``replay``
 rebuilds relabel's batch (DALI or torch) -> the student -> ``lpld_kernels.soft_kl_div`` against the
-stored fp16 logits, temperature T, batchmean, times T^2 when the recipe says so, no hard-label
-term. AdamW or SGD with no weight decay on biases and BN (1-D) parameters; a per-epoch schedule:
+stored fp16 logits, temperature T (or LPQLD's per-epoch teacher and calibrated student temperatures,
+``lpld.temperature``), batchmean, times T^2 when the recipe says so, no hard-label term. AdamW or SGD with no weight decay on biases and BN (1-D) parameters; a per-epoch schedule:
 optional linear warm-up from 0.01, then cosine to 0. A checkpoint (model, optimizer, scheduler,
 sampler epoch, RNG) is written atomically after every epoch and ``--resume`` continues from it
 exactly. Under torchrun (``train.split rows``, the default) every rank replays the same record
@@ -28,12 +28,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-import lpld_kernels
-
 from . import distributed, identity, replay
 from .atomic import write_atomically
 from .errors import UserError
 from .recipes import Recipe, TrainConfig, add_recipe_arguments, recipe_from_args
+from .student_loss import SCHEDULES, Temperatures, accumulate_gradients, make_loss_fn
 from .workdir import WorkDir
 
 CHECKPOINT = "checkpoint.pt"
@@ -78,48 +77,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> to
         raise UserError(f"train.warmup_epochs={config.warmup_epochs} must be in [0, train.epochs={config.epochs})")
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda epoch: lr_factor(epoch, config.epochs, config.warmup_epochs))
-
-
-def make_loss_fn(model: nn.Module, config: TrainConfig, device: torch.device) -> Callable:
-    """(images, stored fp16 logits) -> soft-label KL of the student; the one place torch.compile applies.
-
-    fp32 unless ``train.bf16`` (the paper's runs are fp32; at T = 20 the gradient lives in small
-    logit differences). ``train.teacher_logit_scale`` multiplies the stored logits before the
-    temperature (upstream's IN-21K label smoothing on logits), which stay raw on disk.
-    """
-    scale = config.teacher_logit_scale
-
-    def loss_fn(images: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, torch.bfloat16, enabled=config.bf16):
-            student_logits = model(images)
-        if scale != 1:
-            teacher_logits = teacher_logits.float() * scale
-        return lpld_kernels.soft_kl_div(student_logits, teacher_logits, config.temperature, config.t2_scale)
-
-    return torch.compile(loss_fn) if config.compile else loss_fn
-
-
-def accumulate_gradients(loss_fn: Callable, images: torch.Tensor, teacher_logits: torch.Tensor,
-                         micro_batch: int = 0, no_sync: Callable = contextlib.nullcontext,
-                         weight: float = 1.0) -> torch.Tensor:
-    """Backward over micro-batches of ``micro_batch`` rows (0: the whole record); returns the record's loss.
-
-    Each part's batchmean loss is weighted by its share of the record, so the summed gradient is
-    the whole record's gradient (exactly so for models without batch statistics; BatchNorm sees
-    smaller batches). ``no_sync`` (DDP) skips the gradient all-reduce for all but the last part;
-    ``weight`` scales the whole (a rank's share of a record split across ranks).
-    """
-    total = len(images)
-    size = micro_batch if 0 < micro_batch < total else total
-    loss_sum = 0.0
-    for start in range(0, total, size):
-        part = slice(start, start + size)
-        rows = len(images[part])
-        with no_sync() if start + size < total else contextlib.nullcontext():
-            loss = loss_fn(images[part], teacher_logits[part]) * (weight * rows / total)
-            loss.backward()
-        loss_sum = loss_sum + loss.detach()
-    return loss_sum
 
 
 FULL_PLANS = {"sampled": "random", "stored": "order"}
@@ -221,7 +178,7 @@ def _student_identity(recipe: Recipe, store, world: int) -> dict:
                        labels=store.fingerprint, world_size=world)
 
 
-def _restore(path: Path, model, optimizer, scheduler, sampler, made_by: dict) -> int:
+def _restore(path: Path, model, optimizer, scheduler, sampler, made_by: dict, temperatures: Temperatures) -> int:
     """Load a checkpoint written by this recipe on these labels; returns the next epoch to run."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -235,6 +192,8 @@ def _restore(path: Path, model, optimizer, scheduler, sampler, made_by: dict) ->
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     sampler.load_state_dict(state["sampler"])
+    if "temperatures" in state:  # checkpoints before LPQLD's training had one fixed temperature
+        temperatures.load_state_dict(state["temperatures"])
     torch.set_rng_state(state["rng_cpu"])
     if "rng_cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["rng_cuda"])
@@ -293,9 +252,9 @@ def train(recipe: Recipe, workdir: WorkDir, labels_path: str | Path, name: str, 
         sampler = replay.PlanSampler(plan, rank=rank, world_size=world) if split_records else replay.PlanSampler(plan)
         rows = rank_rows(record_size, rank, world) if world > 1 and not split_records else None
         made_by = _student_identity(recipe, store, world)
-        first_epoch = 0
+        first_epoch, temperatures = 0, Temperatures(config)
         if resume and (out / CHECKPOINT).exists():
-            first_epoch = _restore(out / CHECKPOINT, model, optimizer, scheduler, sampler, made_by)
+            first_epoch = _restore(out / CHECKPOINT, model, optimizer, scheduler, sampler, made_by, temperatures)
         out.mkdir(parents=True, exist_ok=True)
         if distributed.is_main():
             _trim_metrics(out / METRICS, first_epoch)
@@ -305,7 +264,7 @@ def train(recipe: Recipe, workdir: WorkDir, labels_path: str | Path, name: str, 
         if world > 1:
             network = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         no_sync = network.no_sync if world > 1 else contextlib.nullcontext
-        loss_fn = make_loss_fn(network, config, device)
+        loss_fn = make_loss_fn(network, config, device, keep_last=config.calibrate_student)
         batches = replay.make_loader(loader or config.loader, store, distilled.images, sampler, store.meta["size"],
                                      store.meta["mean"], store.meta["std"], device, config.workers)
         val_set = evaluate.validation_set(recipe.data, workdir.listings)
@@ -323,13 +282,18 @@ def train(recipe: Recipe, workdir: WorkDir, labels_path: str | Path, name: str, 
             sampler.set_epoch(epoch)
             lr = optimizer.param_groups[0]["lr"]
             epoch_start = time.perf_counter()
-            loss, steps = _train_epoch(batches, loss_fn, optimizer, config.micro_batch, no_sync, device, memory_format,
+            teacher_t, student_t = temperatures.of_epoch(epoch)
+            loss, steps = _train_epoch(batches, functools.partial(loss_fn, temperatures=(teacher_t, student_t)),
+                                       optimizer, config.micro_batch, no_sync, device, memory_format,
                                        lambda: bar.update(record_images), rows)
+            if loss_fn.last:
+                temperatures.calibrate(*loss_fn.last, epoch)
             seconds = time.perf_counter() - epoch_start
             images_seen, train_seconds = images_seen + steps * record_images, train_seconds + seconds
             scheduler.step()
-            metrics = {"epoch": epoch, "loss": loss, "lr": lr, "steps": steps,
-                       "images_per_sec": steps * record_images / seconds, "seconds": seconds}
+            metrics = {"epoch": epoch, "loss": loss, "lr": lr, "steps": steps, "teacher_temperature": teacher_t,
+                       "student_temperature": student_t, "images_per_sec": steps * record_images / seconds,
+                       "seconds": seconds}
             if (epoch + 1) % config.val_interval == 0 or epoch + 1 == config.epochs:
                 scores = validate()  # its "loss" is the validation CE: keep it apart from the training loss
                 metrics.update(top1=scores["top1"], top5=scores["top5"], val_loss=scores["loss"])
@@ -338,6 +302,7 @@ def train(recipe: Recipe, workdir: WorkDir, labels_path: str | Path, name: str, 
             if distributed.is_main():
                 checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                               "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(), "epoch": epoch + 1,
+                              "temperatures": temperatures.state_dict(),
                               "identity": made_by, "rng_cpu": torch.get_rng_state(),
                               **({"rng_cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})}
                 write_atomically(out / CHECKPOINT, lambda partial: torch.save(checkpoint, partial))
@@ -379,7 +344,10 @@ def _finish(recipe: Recipe, workdir: WorkDir, out: Path, model: nn.Module, store
 
 def _command(args: argparse.Namespace) -> None:
     recipe = recipe_from_args(args)
-    flags = [*(["train.bf16=true"] if args.bf16 else []), *([f"train.split={args.split}"] if args.split else [])]
+    flags = [*(["train.bf16=true"] if args.bf16 else []), *([f"train.split={args.split}"] if args.split else []),
+             *([f"train.temperature_schedule={args.temperature_schedule}"] if args.temperature_schedule else []),
+             *([f"train.student_temperature={args.student_temperature}"] if args.student_temperature is not None else []),
+             *(["train.calibrate_student=true"] if args.calibrate_student else [])]
     recipe = recipe.with_overrides(flags)
     train(recipe, WorkDir.for_recipe(args.workdir, recipe.name), args.labels, args.name, args.device,
           resume=args.resume, loader=args.loader, stop_after=args.stop_after)
@@ -398,6 +366,14 @@ def register(subparsers) -> None:
     parser.add_argument("--split", choices=("rows", "records"), default=None,
                         help="under torchrun: rows (default, the paper's: every rank takes its rows of each record, "
                              "one step per record) or records (W records per step, lr x W: faster, not the paper's)")
+    parser.add_argument("--temperature-schedule", choices=SCHEDULES, default=None,
+                        help="the teacher temperature over epochs (train.temperature_schedule; LPQLD's Dynamic Knowledge "
+                             "Reuse: step, with train.temperature_step/_gamma/_floor); default constant, as LPLD")
+    parser.add_argument("--student-temperature", type=float, default=None,
+                        help="the student's own temperature (train.student_temperature; 0: the teacher's, as LPLD)")
+    parser.add_argument("--calibrate-student", action="store_true",
+                        help="re-fit the student temperature after every epoch on the grid 0.01..1 (LPQLD's dynamic "
+                             "alignment; train.calibrate_student)")
     parser.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
                         help="train at most this many epochs now, then stop (continue later with --resume)")
     parser.set_defaults(func=_command)
