@@ -147,8 +147,9 @@ def plan(epoch: int, seed: int, pool, batches_per_epoch: int, kind: str = "rando
 def pruned_header(header: dict, ratio: float, kind: str, seed: int, codec: LogitCodec | None = None) -> dict:
     """The meta of a pruned store: the source's, with this pruning step appended to its history
     (and the logit codec it is re-encoded to, if any)."""
-    kept = {key: value for key, value in header.items() if key not in ("format", "num_records", "arrays")}
-    recoded = {"topk": codec.topk, "quant": codec.quant} if codec else {}
+    dropped = ("format", "num_records", "arrays", *(("topk_fill",) if codec else ()))  # a new codec names its own fill
+    kept = {key: value for key, value in header.items() if key not in dropped}
+    recoded = codec.meta() if codec else {}
     return dict(kept, prune=[*header["prune"], {"ratio": ratio, "pool": kind, "seed": seed}], **recoded)
 
 

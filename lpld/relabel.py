@@ -86,7 +86,7 @@ def label_header(recipe: Recipe, images: torch.Tensor, dataset_fingerprint: str,
         "batches_per_epoch": num_images // config.batch_size, "partial_batches": PARTIAL_BATCH_RULE,
         "size": recipe.data.resolution, "mean": list(recipe.data.mean), "std": list(recipe.data.std),
         "crop_scale": list(config.crop_scale), "flip": config.flip, "mix": config.mix,
-        "seeds": {"relabel": config.seed}, "topk": codec.topk, "quant": codec.quant, "prune": [],
+        "seeds": {"relabel": config.seed}, **codec.meta(), "prune": [],
         "dataset_fingerprint": dataset_fingerprint, "teacher_fingerprint": teacher_fingerprint,
         "recipe": recipe.settings("data", "model", "relabel"),
     }
