@@ -10,7 +10,10 @@ of the storage frontier), and a student is trained per (set, labels, seed) for i
 epochs and evaluated on the real test split. The seed is the student's: its initialization and
 its training plan (which kept records each epoch replays); the paper's random pool keeps the same
 records for every seed. Student folders are named by their epochs, so a grid with longer
-students on the same work directory reuses the sets and trains beside the shorter ones.
+students on the same work directory reuses the sets and trains beside the shorter ones. A second
+axis, the training method, trains students of the same cells the LPQLD way (``--methods lpld
+lpqld``: its teacher temperature schedule and calibrated student, ``recipes.LPQLD_TRAINING``) on the
+same images and label stores.
 
 Students run in ``--jobs`` worker processes with one torch thread each, so a 2-core machine trains
 two at once. Every piece resumes on its own artifact (recover, relabel, prune and train all do),
@@ -40,10 +43,11 @@ from tqdm import tqdm
 from .codecs import LogitCodec
 from .errors import UserError
 from .page import pyplot
-from .recipes import Recipe, add_recipe_arguments, recipe_from_args
+from .recipes import LPQLD_TRAINING, Recipe, add_recipe_arguments, recipe_from_args
 from .workdir import WorkDir
 
 BATCHINGS = ("class-wise", "across-class")
+METHODS = ("lpld", "lpqld")  # how the students train: LPLD's fixed temperature, or LPQLD's schedule + calibration
 PAPER_RATIOS = (0.0, 0.9, 0.95, 0.975, 0.99)
 # Storage beyond pruning (LPQLD-style top-k, quantized values), measured at the smallest IPC. With
 # K = 10 classes, per-sample fp16 logits are 20 bytes: int8 14, fp8 10, top-2 fp16 6, top-2 fp8 4.
@@ -58,6 +62,7 @@ class Cell:
     ipc: int
     ratio: float
     codec: str = "fp16"
+    method: str = "lpld"
 
     @property
     def labels(self) -> str:
@@ -72,6 +77,7 @@ class Grid:
     frontier: tuple[str, ...] = FRONTIER  # "ratio:codec" cells at the smallest IPC
     seeds: int = 3
     batchings: tuple[str, ...] = BATCHINGS
+    methods: tuple[str, ...] = ("lpld",)
     cells: list[Cell] = field(default_factory=list, compare=False)
 
     def __post_init__(self):
@@ -83,9 +89,13 @@ class Grid:
                 float(ratio), LogitCodec.parse(codec)
             except ValueError:
                 raise UserError(f"--frontier {item!r}: expected RATIO:CODEC, e.g. 0.975:top2-fp8") from None
-        cells = [Cell(b, ipc, r) for ipc in self.ipcs for b in self.batchings for r in self.ratios]
-        cells += [Cell(b, min(self.ipcs), float(item.split(":")[0]), item.split(":")[1])
-                  for b in self.batchings for item in self.frontier]
+        unknown = sorted(set(self.batchings) - set(BATCHINGS)) + sorted(set(self.methods) - set(METHODS))
+        if unknown:
+            raise UserError(f"unknown batching or method {unknown}: batchings {BATCHINGS}, methods {METHODS}")
+        cells = [Cell(b, ipc, r, method=m) for m in self.methods for ipc in self.ipcs for b in self.batchings
+                 for r in self.ratios]
+        cells += [Cell(b, min(self.ipcs), float(item.split(":")[0]), item.split(":")[1], m)
+                  for m in self.methods for b in self.batchings for item in self.frontier]
         self.cells.extend(dict.fromkeys(cells))  # a frontier cell may repeat a pruning cell: one student folder each
 
     def epochs_of(self, ipc: int) -> int:
@@ -93,7 +103,8 @@ class Grid:
 
     def student(self, cell: Cell, seed: int) -> str:
         """The student folder of (cell, seed): its labels, its IPC's epochs and its seed."""
-        return f"{cell.labels.removeprefix('labels-')}-e{self.epochs_of(cell.ipc)}-s{seed}"
+        method = "" if cell.method == "lpld" else f"-{cell.method}"
+        return f"{cell.labels.removeprefix('labels-')}-e{self.epochs_of(cell.ipc)}-s{seed}{method}"
 
 
 def set_recipe(recipe: Recipe, grid: Grid, batching: str, ipc: int) -> Recipe:
@@ -138,7 +149,8 @@ def train_student(recipe: Recipe, root: WorkDir, grid: Grid, cell: Cell, seed: i
     from . import labels, train
 
     workdir = set_workdir(root, cell.batching, cell.ipc)
-    recipe = set_recipe(recipe, grid, cell.batching, cell.ipc).with_overrides([f"train.seed={seed}"])
+    method = list(LPQLD_TRAINING) if cell.method == "lpqld" else []
+    recipe = set_recipe(recipe, grid, cell.batching, cell.ipc).with_overrides([*method, f"train.seed={seed}"])
     summary = train.train(recipe, workdir, workdir.root / cell.labels, grid.student(cell, seed), device, resume=True)
     storage = labels.storage_report(labels.LabelStore.open(workdir.root / cell.labels, verify_checksums=False))
     return {**asdict(cell), "seed": seed, "top1": summary["top1"], "top5": summary["top5"],
@@ -213,8 +225,8 @@ def summarize(grid: Grid, sets: list[dict], rows: list[dict]) -> dict:
     """Mean and standard deviation of top-1 per cell, and the paper's two claims per IPC, measured."""
     cells = []
     for cell in grid.cells:
-        mine = sorted((r for r in rows if (r["batching"], r["ipc"], r["ratio"], r["codec"]) ==
-                       (cell.batching, cell.ipc, cell.ratio, cell.codec)), key=lambda r: r["seed"])
+        mine = sorted((r for r in rows if (r["batching"], r["ipc"], r["ratio"], r["codec"], r.get("method", "lpld")) ==
+                       (cell.batching, cell.ipc, cell.ratio, cell.codec, cell.method)), key=lambda r: r["seed"])
         if not mine:
             continue
         top1 = [r["top1"] for r in mine]
@@ -222,7 +234,8 @@ def summarize(grid: Grid, sets: list[dict], rows: list[dict]) -> dict:
                       **{key: mine[0][key] for key in ("logit_bytes", "bytes_on_disk", "compression", "records")}})
     claims = []
     for ipc in grid.ipcs:
-        of = {(c["batching"], c["ratio"]): c for c in cells if c["ipc"] == ipc and c["codec"] == "fp16"}
+        of = {(c["batching"], c["ratio"]): c for c in cells if c["ipc"] == ipc and c["codec"] == "fp16"
+              and c["method"] == "lpld"}
         for ratio in (r for r in grid.ratios if r != 0):  # each against 1x (no claim without a 0 ratio)
             pairs = [of.get((b, r)) for b in BATCHINGS for r in (0.0, ratio)]
             if None in pairs:
@@ -236,16 +249,32 @@ def summarize(grid: Grid, sets: list[dict], rows: list[dict]) -> dict:
                            "drop_class_wise": drop_lpld, "drop_across_class": drop_sre2l,
                            "class_wise_drops_less": drop_lpld < drop_sre2l})
     return {"grid": {key: value for key, value in asdict(grid).items() if key != "cells"},
-            "sets": sets, "cells": cells, "claims": claims}
+            "sets": sets, "cells": cells, "claims": claims, "method_claims": method_claims(cells)}
+
+
+def method_claims(cells: list[dict]) -> list[dict]:
+    """Per cell trained both ways: LPQLD's training minus LPLD's, against the larger seed spread."""
+    by_key = {(c["batching"], c["ipc"], c["ratio"], c["codec"], c["method"]): c for c in cells}
+    claims = []
+    for (batching, ipc, ratio, codec, method), lpqld in by_key.items():
+        lpld = by_key.get((batching, ipc, ratio, codec, "lpld"))
+        if method != "lpqld" or lpld is None:
+            continue
+        margin, spread = lpqld["mean"] - lpld["mean"], max(lpqld["std"], lpld["std"])
+        claims.append({"batching": batching, "ipc": ipc, "ratio": ratio, "codec": codec, "compression": lpld["compression"],
+                       "lpqld_minus_lpld": margin, "seed_spread": spread, "lpqld_ahead_beyond_spread": margin > spread,
+                       "lpld_behind_beyond_spread": -margin > spread})
+    return claims
 
 
 def format_table(results: dict) -> str:
     """Markdown: one row per cell, then the claims."""
     diversity = {(s["batching"], s["ipc"]): s["mean_cosine"] for s in results["sets"]}
-    lines = ["| IPC | batching | within-class cosine | ratio | logits as | compression | logit bytes | top-1 (mean +- sd) | seeds |",
-             "|---:|---|---:|---:|---|---:|---:|---:|---|"]
+    lines = ["| IPC | batching | training | within-class cosine | ratio | logits as | compression | logit bytes | "
+             "top-1 (mean +- sd) | seeds |", "|---:|---|---|---:|---:|---|---:|---:|---:|---|"]
     for c in results["cells"]:
-        lines.append(f"| {c['ipc']} | {c['batching']} | {diversity.get((c['batching'], c['ipc']), float('nan')):.3f} | "
+        lines.append(f"| {c['ipc']} | {c['batching']} | {c.get('method', 'lpld')} | "
+                     f"{diversity.get((c['batching'], c['ipc']), float('nan')):.3f} | "
                      f"{c['ratio']:g} | {c['codec']} | {c['compression']:.4g}x | {c['logit_bytes']:,d} | "
                      f"{c['mean']:.2f} +- {c['std']:.2f} | {', '.join(f'{v:.2f}' for v in c['top1'])} |")
     lines += ["", "| IPC | pruned | class-wise - across-class at that ratio | seed spread | ahead beyond spread | "
@@ -254,42 +283,55 @@ def format_table(results: dict) -> str:
         lines.append(f"| {c['ipc']} | {c['ratio']:g} | {c['class_wise_minus_across_class']:+.2f} | {c['seed_spread']:.2f} | "
                      f"{'yes' if c['class_wise_ahead_beyond_spread'] else 'no'} | {c['drop_class_wise']:.2f} | "
                      f"{c['drop_across_class']:.2f} | {'yes' if c['class_wise_drops_less'] else 'no'} |")
+    if results.get("method_claims"):
+        lines += ["", "| IPC | batching | pruned | logits as | compression | LPQLD - LPLD training | seed spread | "
+                  "beyond spread |", "|---:|---|---:|---|---:|---:|---:|---|"]
+        for c in results["method_claims"]:
+            verdict = ("LPQLD ahead" if c["lpqld_ahead_beyond_spread"] else
+                       "LPLD ahead" if c["lpld_behind_beyond_spread"] else "no")
+            lines.append(f"| {c['ipc']} | {c['batching']} | {c['ratio']:g} | {c['codec']} | {c['compression']:.4g}x | "
+                         f"{c['lpqld_minus_lpld']:+.2f} | {c['seed_spread']:.2f} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
 def figure(results: dict):
-    """Top-1 against logit compression (log x): a line per batching and IPC over the pruning
-    ratios (error bars: seed standard deviation), the codec cells as open markers."""
+    """Top-1 against logit compression (log x): a line per batching, training method and IPC over the
+    pruning ratios (error bars: seed standard deviation), the codec cells as open markers."""
     drawing, axis = pyplot().subplots(figsize=(8, 5))
-    colors = {"class-wise": "tab:blue", "across-class": "tab:red"}
-    ipcs = sorted({c["ipc"] for c in results["cells"]})
+    colors = {("class-wise", "lpld"): "tab:blue", ("across-class", "lpld"): "tab:red",
+              ("class-wise", "lpqld"): "tab:green", ("across-class", "lpqld"): "tab:orange"}
+    cells = [dict(c, method=c.get("method", "lpld")) for c in results["cells"]]
+    ipcs = sorted({c["ipc"] for c in cells})
     styles = dict(zip(ipcs, ("-", "--", ":", "-.")))
     named = set()  # each codec cell is named once, beside its higher point
-    for batching in BATCHINGS:
+    for batching, method in colors:
+        which = f"{batching}{', LPQLD training' if method == 'lpqld' else ''}"
+        mine = [c for c in cells if (c["batching"], c["method"]) == (batching, method)]
         for ipc in ipcs:
-            line = sorted((c for c in results["cells"] if (c["batching"], c["ipc"], c["codec"]) == (batching, ipc, "fp16")),
-                          key=lambda c: c["compression"])
+            line = sorted((c for c in mine if (c["ipc"], c["codec"]) == (ipc, "fp16")), key=lambda c: c["compression"])
             if line:
                 axis.errorbar([c["compression"] for c in line], [c["mean"] for c in line], [c["std"] for c in line],
-                              color=colors[batching], linestyle=styles[ipc], marker="o", capsize=3,
-                              label=f"{batching}, IPC {ipc}, pruning")
-        coded = [c for c in results["cells"] if c["batching"] == batching and c["codec"] != "fp16"]
+                              color=colors[batching, method], linestyle=styles[ipc], marker="o", capsize=3,
+                              label=f"{which}, IPC {ipc}, pruning")
+        coded = [c for c in mine if c["codec"] != "fp16"]
         if coded:
             axis.errorbar([c["compression"] for c in coded], [c["mean"] for c in coded], [c["std"] for c in coded],
-                          color=colors[batching], linestyle="none", marker="s", mfc="white", capsize=3,
-                          label=f"{batching}, IPC {min(ipcs)}, pruning x codec")
+                          color=colors[batching, method], linestyle="none", marker="s", mfc="white", capsize=3,
+                          label=f"{which}, IPC {min(ipcs)}, pruning x codec")
             for c in coded:
                 if (c["ratio"], c["codec"]) in named:
                     continue
                 named.add((c["ratio"], c["codec"]))
-                top = max((d["mean"] + d["std"] for d in results["cells"]
+                top = max((d["mean"] + d["std"] for d in cells
                            if (d["ratio"], d["codec"], d["ipc"]) == (c["ratio"], c["codec"], c["ipc"])))
                 axis.annotate(f"r{c['ratio']:g} {c['codec']}", (c["compression"], top), fontsize=7, ha="center",
                               xytext=(0, 4), textcoords="offset points")
     axis.set_xscale("log")
     axis.set_xlabel("compression of the soft labels (full fp16 logits / stored logit bytes)")
     axis.set_ylabel("student top-1 on the test split (%)")
-    axis.set_title(f"{results['recipe']}: class-wise vs across-class batching under label compression")
+    methods = {c["method"] for c in cells}
+    axis.set_title(f"{results['recipe']}: " + ("LPLD vs LPQLD training under label compression" if len(methods) > 1
+                                               else "class-wise vs across-class batching under label compression"))
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=8, loc="lower left")
     drawing.tight_layout()
@@ -312,7 +354,8 @@ def _command(args: argparse.Namespace) -> None:
     from . import distributed
 
     recipe = recipe_from_args(args)
-    grid = Grid(tuple(args.ipc), tuple(args.epochs), tuple(args.ratios), tuple(args.frontier), args.seeds)
+    grid = Grid(tuple(args.ipc), tuple(args.epochs), tuple(args.ratios), tuple(args.frontier), args.seeds,
+                tuple(args.batchings), tuple(args.methods))
     run_grid(recipe, WorkDir.for_recipe(args.workdir, recipe.name), grid, args.jobs, args.name,
              str(distributed.device(args.device)), shlex.join(["lpld", *sys.argv[1:]]))
 
@@ -328,6 +371,11 @@ def register(subparsers) -> None:
     parser.add_argument("--frontier", nargs="*", default=list(FRONTIER), metavar="RATIO:CODEC",
                         help="pruning x codec cells at the smallest IPC (codecs: fp16, int8, fp8, topK-<one of those>)")
     parser.add_argument("--seeds", type=int, default=3, help="students per cell (seeds 0..N-1)")
+    parser.add_argument("--batchings", nargs="+", choices=BATCHINGS, default=list(BATCHINGS),
+                        help="image sets to recover: class-wise (LPLD) and/or across-class (SRe2L)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=["lpld"],
+                        help="how the students train: lpld (the recipe's fixed temperature) and/or lpqld (its "
+                             "teacher temperature schedule and calibrated student), on the same images and labels")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes, one torch thread each")
     parser.add_argument("--name", default="grid", help="results go to WORKDIR/reproduce/NAME.{json,md,png}")
     parser.set_defaults(func=_command)

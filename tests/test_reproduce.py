@@ -31,6 +31,18 @@ def test_cells_and_codec_names():
              "logit_bytes": 1, "bytes_on_disk": 1, "compression": 1.0, "records": 1} for cell in repeated.cells]
     claims = summarize(repeated, [], rows)["claims"]
     assert [(c["ratio"], c["class_wise_minus_across_class"]) for c in claims] == [(0.5, 1.0)]
+    methods = Grid(ipcs=(2,), epochs=(4,), ratios=(0.5,), frontier=(), seeds=1, batchings=("class-wise",),
+                   methods=("lpld", "lpqld"))
+    assert methods.cells == [Cell("class-wise", 2, 0.5), Cell("class-wise", 2, 0.5, method="lpqld")]
+    assert methods.student(methods.cells[1], 2) == "r0.5-e4-s2-lpqld" and methods.student(methods.cells[0], 2) == "r0.5-e4-s2"
+    rows = [{**asdict(cell), "seed": seed, "top1": 60.0 + 5 * (cell.method == "lpqld") + seed,
+             "logit_bytes": 1, "bytes_on_disk": 1, "compression": 2.0, "records": 1}
+            for cell in methods.cells for seed in (0, 1)]
+    claim, = summarize(methods, [], rows)["method_claims"]
+    assert claim["lpqld_minus_lpld"] == 5.0 and claim["seed_spread"] == pytest.approx(2**0.5 / 2)
+    assert claim["lpqld_ahead_beyond_spread"] and not claim["lpld_behind_beyond_spread"]
+    with pytest.raises(Exception, match="unknown batching or method"):
+        Grid(methods=("lpld", "kd"))
     with pytest.raises(Exception, match="RATIO:CODEC"):
         Grid(frontier=("0.9:int4",))
     with pytest.raises(Exception, match="one value per IPC"):
@@ -94,3 +106,18 @@ def test_reproduce_grid_end_to_end_then_resumes(tmp_path):
     assert [c["top1"] for c in json.loads((out / "longer.json").read_text())["cells"]] == [
         [json.loads((out / f"{b}-ipc4" / "students" / "r0-e6-s0" / "summary.json").read_text())["top1"]]
         for b in ("class-wise", "across-class")]
+
+    # the training-method axis: LPQLD's students beside LPLD's on the same class-wise images and labels
+    methods = [*args[: args.index("--ratios")], "--ratios", "0.75", "--frontier", "--seeds", "1", "--batchings",
+               "class-wise", "--methods", "lpld", "lpqld", "--name", "methods"]
+    assert main(methods) == 0
+    assert [path.stat().st_mtime_ns for path in checkpoints] == stamps  # LPLD's student is reused
+    compared = json.loads((out / "methods.json").read_text())
+    lpld_cell, lpqld_cell = compared["cells"]
+    assert (lpld_cell["method"], lpqld_cell["method"]) == ("lpld", "lpqld")
+    log = out / "class-wise-ipc4" / "students" / "r0.75-e4-s0-lpqld" / "metrics.jsonl"
+    epochs = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["teacher_temperature"] for e in epochs] == [20.0] * 4 and epochs[0]["student_temperature"] == 1.0
+    claim, = compared["method_claims"]
+    assert claim["lpqld_minus_lpld"] == pytest.approx(lpqld_cell["mean"] - lpld_cell["mean"])
+    assert "| 4 | class-wise | lpqld |" in (out / "methods.md").read_text()
