@@ -41,6 +41,7 @@ from .recipes import Recipe, add_recipe_arguments, recipe_from_args
 from .stats import ClassBNStats, LayerStats
 from .torchfiles import load_plain
 from .upstream_labels import UPSTREAM_ORDER_SEED, import_labels
+from .upstream_lpqld import import_lpqld_labels, is_lpqld_directory
 from .workdir import WorkDir
 
 UPSTREAM_MOMENTUM = 0.1  # the BN default its class statistics were folded with (SPEC.md section 2)
@@ -263,7 +264,11 @@ def _images(args: argparse.Namespace) -> None:
 
 def _labels(args: argparse.Namespace) -> None:
     recipe = recipe_from_args(args)
-    import_labels(args.path, recipe, WorkDir.for_recipe(args.workdir, recipe.name), args.out, args.ratio, args.order_seed)
+    workdir = WorkDir.for_recipe(args.workdir, recipe.name)
+    if Path(args.path).is_dir() and is_lpqld_directory(Path(args.path)):
+        import_lpqld_labels(args.path, recipe, workdir, args.out, args.ratio)
+    else:
+        import_labels(args.path, recipe, workdir, args.out, args.ratio, args.order_seed)
 
 
 def register(subparsers) -> None:
@@ -271,7 +276,8 @@ def register(subparsers) -> None:
     actions = parser.add_subparsers(dest="action", required=True)
     teacher = actions.add_parser("teacher", help="a class-BN, Tiny or ImageNet-21K-P checkpoint -> teacher (+ stats)")
     images = actions.add_parser("images", help="a new000/class000_id000.jpg folder -> distilled/")
-    labels = actions.add_parser("labels", help="an epoch_<e>/batch_<b>.tar directory -> a label store (import images first)")
+    labels = actions.add_parser("labels", help="an epoch_<e>/batch_<b>.tar directory (LPLD) or a flat batch_<n>.tar one "
+                                               "(LPQLD, top-k included) -> a label store (import images first)")
     for sub, func, what in ((teacher, _teacher, "checkpoint file (.pth)"), (images, _images, "upstream image folder"),
                             (labels, _labels, "upstream soft-label directory")):
         sub.add_argument("path", help=what)

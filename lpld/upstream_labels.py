@@ -55,17 +55,18 @@ def upstream_orders(num_images: int, epochs: int, seed: int = UPSTREAM_ORDER_SEE
         yield np.asarray(list(sampler), dtype=np.int64)
 
 
-def pixel_boxes(coords: torch.Tensor, height: int, width: int, where: str) -> np.ndarray:
+def pixel_boxes(coords: torch.Tensor, height: int, width: int, where: str,
+                tolerance: float = INTEGER_TOLERANCE) -> np.ndarray:
     """Upstream's normalized crops (top/H, left/W, h/H, w/W) as our int (top, left, h, w).
 
     Upstream made them from integer boxes of the distilled image, i/H in float32, and replays
     ``coords * H`` through PIL's crop, which rounds the box edges; rounding recovers the integers
-    exactly, and a value further than ``INTEGER_TOLERANCE`` px from one is refused (images of
-    another size, or not upstream's crops).
+    exactly, and a value further than ``tolerance`` px from one is refused (images of another
+    size, or not upstream's crops; LPQLD's fp16 coords allow more).
     """
     scaled = coords.double().numpy() * np.array([height, width, height, width], dtype=np.float64)
     boxes = _exact_integers(scaled, where, f"crop coords x ({height}, {width}, {height}, {width}) are not integer "
-                            "pixels: were the labels made from images of this size?")
+                            "pixels: were the labels made from images of this size?", tolerance)
     top, left, h, w = boxes.T
     if (top < 0).any() or (left < 0).any() or (h < 1).any() or (w < 1).any() or (top + h > height).any() \
             or (left + w > width).any():
@@ -73,10 +74,10 @@ def pixel_boxes(coords: torch.Tensor, height: int, width: int, where: str) -> np
     return boxes
 
 
-def _exact_integers(values: np.ndarray, where: str, problem: str) -> np.ndarray:
+def _exact_integers(values: np.ndarray, where: str, problem: str, tolerance: float = INTEGER_TOLERANCE) -> np.ndarray:
     rounded = np.rint(values)
     off = np.abs(values - rounded)
-    if off.size and off.max() > INTEGER_TOLERANCE:
+    if off.size and off.max() > tolerance:
         raise UserError(f"{where}: {problem} (off by up to {off.max():.4g})")
     return rounded.astype(np.int64)
 
@@ -130,7 +131,8 @@ def convert_batch(batch, where: str, layout: dict) -> tuple[Record, str]:
     if not torch.isfinite(half).all() and torch.isfinite(logits).all():
         raise UserError(f"{where}: fp32 logits outside the fp16 range; the store keeps fp16 logits")
     record = Record(img_idx=np.zeros(batch_size, dtype=np.int32),
-                    crop=pixel_boxes(coords, *layout["image_size"], where).astype(np.int32),
+                    crop=pixel_boxes(coords, *layout["image_size"], where,
+                                     layout.get("coords_tolerance", INTEGER_TOLERANCE)).astype(np.int32),
                     flip=np.zeros(batch_size, dtype=bool), logits=half.numpy())
     if layout["flip"] == "cutout":
         if tuple(second.shape) != (batch_size, 7):
@@ -249,7 +251,7 @@ def _batch_shape(found: dict) -> tuple[int, int]:
     return tuple(batch[5].shape)
 
 
-def _distilled_with_map(workdir: WorkDir, channels: int):
+def distilled_with_map(workdir: WorkDir, channels: int):
     """The imported distilled set and its upstream-index -> our-index map (from manifest.json)."""
     manifest_path = workdir.distilled / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
@@ -275,7 +277,7 @@ def import_labels(path: str | Path, recipe: Recipe, workdir: WorkDir, out: str |
     started = time.perf_counter()
     root = Path(path)
     found = _scan(root)
-    distilled, mapping = _distilled_with_map(workdir, recipe.data.channels)
+    distilled, mapping = distilled_with_map(workdir, recipe.data.channels)
     num_images = len(distilled.images)
     batch_size, num_classes = _batch_shape(found)
     if num_classes != recipe.data.num_classes:
