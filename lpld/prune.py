@@ -29,7 +29,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import distributed, seeds
+from . import atomic, seeds
 from .errors import UserError
 from .codecs import LogitCodec, add_codec_arguments, codec_from_args
 from .labels import LabelStore, LabelStoreWriter, storage_report
@@ -163,10 +163,13 @@ def prune_store(source: LabelStore, out: str | Path, ratio: float, kind: str = "
     """Write a store holding only the kept records of ``source`` (so the bytes on disk shrink),
     its logits re-encoded by ``codec`` when one is given (pruning and the codecs compose)."""
     stored = LogitCodec.of(source.meta)
+    if codec is not None and stored.topk and codec.fill not in ("mr", stored.fill):  # MR needs no fill
+        raise UserError(f"{source.path} keeps the top {stored.topk} logits decoded as {stored.fill}: the fill of another "
+                        f"decoding ({codec.fill}) needs the classes it dropped; prune the full store instead")
     if codec is not None and stored.topk and not 0 < codec.topk <= stored.topk:
         raise UserError(f"{source.path} keeps the top {stored.topk} logits of each sample; a pruned copy can keep "
                         f"at most those (--topk 1 to {stored.topk}), not {codec.topk or 'all'}")
-    with distributed.sole_writer(out):
+    with atomic.sole_writer(out):  # one process prunes (lpld run: rank 0 alone): no barrier
         kept = select_pool(source.ids, source.batches_per_epoch, ratio, kind, seed, store=source)
         if codec == stored:
             codec = None

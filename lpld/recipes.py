@@ -130,7 +130,7 @@ class TrainConfig:
     warmup_epochs: int = 0
     temperature: float = 20.0  # the teacher's (T0 of a schedule)
     t2_scale: bool = False  # multiply the KL by T^2 (Tiny recipe)
-    # LPQLD (lpld.temperature): the teacher temperature's schedule over epochs (Dynamic Knowledge Reuse)
+    # LPQLD (lpld.student_loss): the teacher temperature's schedule over epochs (Dynamic Knowledge Reuse)
     temperature_schedule: str = "constant"  # constant (LPLD) | step | cosine | step_reverse | cosine_reverse
     temperature_step: int = 30  # epochs per step
     temperature_gamma: float = 0.5  # factor per step (LPQLD's default; its main tables ran 0.7)

@@ -188,6 +188,8 @@ class DaliLoader:
 
         gpu = self.device.type == "cuda"
         self._first_epoch = first_epoch
+        for pending in self._ahead.values():
+            pending.cancel()  # gathers for the old pipeline's numbering; a running one just finishes unread
         self._ahead.clear()
         dtypes = [types.UINT8, types.INT32, types.INT32, types.INT32, types.FLOAT16, types.INT64]
         ndims = [3, 1, 1, 0, 1, 0]

@@ -353,6 +353,8 @@ def write_results(stem: Path, results: dict) -> None:
 def _command(args: argparse.Namespace) -> None:
     from . import distributed
 
+    if args.preset:
+        raise UserError("lpld reproduce sets each student's training itself (--methods lpld lpqld); drop --preset")
     recipe = recipe_from_args(args)
     grid = Grid(tuple(args.ipc), tuple(args.epochs), tuple(args.ratios), tuple(args.frontier), args.seeds,
                 tuple(args.batchings), tuple(args.methods))

@@ -100,6 +100,9 @@ def check(config: TrainConfig) -> None:
     if config.temperature <= 0 or config.student_temperature < 0:
         raise UserError(f"train.temperature={config.temperature} and train.student_temperature="
                         f"{config.student_temperature}: temperatures are positive (student 0: the teacher's)")
+    if config.temperature_schedule.startswith("cosine") and config.temperature_min <= 0:
+        raise UserError(f"train.temperature_min={config.temperature_min}: the cosine schedules reach it, so it must be "
+                        "positive")
     if config.temperature_schedule.startswith("step") and (config.temperature_step < 1 or config.temperature_gamma <= 0):
         raise UserError(f"train.temperature_step={config.temperature_step}, temperature_gamma={config.temperature_gamma}: "
                         "the step schedules need a step of at least 1 epoch and a positive gamma")
@@ -124,8 +127,11 @@ def calibration_losses(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     grid = torch.tensor(CALIBRATION_GRID, dtype=torch.float32, device=student_logits.device)
     p_t = torch.softmax(teacher_logits.float() / temperature, dim=1)
     log_p_t = torch.where(p_t > 0, p_t.log(), 0.0)
-    log_p_s = F.log_softmax(student_logits.float()[None] / grid[:, None, None], dim=2)
-    return (p_t[None] * (log_p_t[None] - log_p_s)).sum(dim=(1, 2))
+    losses = []
+    for chunk in grid.split(10):  # [10, B, K] at a time: IN-21K records would need GBs for the whole grid
+        log_p_s = F.log_softmax(student_logits.float()[None] / chunk[:, None, None], dim=2)
+        losses.append((p_t[None] * (log_p_t[None] - log_p_s)).sum(dim=(1, 2)))
+    return torch.cat(losses)
 
 
 class Temperatures:

@@ -3,7 +3,8 @@
 One batch, followed by name: ``PlanSampler`` picks record g (``lpld.prune.plan``) -> ``replay``
 rebuilds relabel's batch (DALI or torch) -> the student -> ``lpld_kernels.soft_kl_div`` against the
 stored fp16 logits, temperature T (or LPQLD's per-epoch teacher and calibrated student temperatures,
-``lpld.temperature``), batchmean, times T^2 when the recipe says so, no hard-label term. AdamW or SGD with no weight decay on biases and BN (1-D) parameters; a per-epoch schedule:
+``lpld.student_loss``), batchmean, times T^2 when the recipe says so, no hard-label term. AdamW or
+SGD with no weight decay on biases and BN (1-D) parameters; a per-epoch schedule:
 optional linear warm-up from 0.01, then cosine to 0. A checkpoint (model, optimizer, scheduler,
 sampler epoch, RNG) is written atomically after every epoch and ``--resume`` continues from it
 exactly. Under torchrun (``train.split rows``, the default) every rank replays the same record
@@ -80,6 +81,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> to
 
 
 FULL_PLANS = {"sampled": "random", "stored": "order"}
+# LPQLD's training fields: left out of a checkpoint's identity at their defaults, so students trained
+# before they existed (one fixed temperature) still resume
+LPQLD_FIELDS = ("temperature_schedule", "temperature_step", "temperature_gamma", "temperature_floor", "temperature_min",
+                "student_temperature", "calibrate_student")
 
 
 def training_plan(store, seed: int, full_plan: str = "sampled") -> Callable[[int], list[int]]:
@@ -170,8 +175,10 @@ def _student_identity(recipe: Recipe, store, world: int) -> dict:
     Other stages' settings reach the student only through the labels, whose fingerprint is here.
     """
     data = recipe.settings("data")["data"]
+    defaults = TrainConfig()
     results_settings = {key: value for key, value in dataclasses.asdict(recipe.train).items()
-                        if key not in ("workers", "loader", "compile", "val_interval")}
+                        if key not in ("workers", "loader", "compile", "val_interval")
+                        and not (key in LPQLD_FIELDS and value == getattr(defaults, key))}
     return identity.of(train=json.dumps(results_settings, sort_keys=True),
                        student=json.dumps({"data": data, "stem": recipe.model.stem,
                                            "arch": recipe.train.arch or recipe.model.arch}, sort_keys=True),

@@ -12,9 +12,9 @@ None, box as 4 uint8 scalars or None, top-k logits fp16 [B, k], their class indi
 The top-k values become a top-k store value for value, decoded as MR (the other classes at -inf),
 which is how LPQLD trains on them (its MR-k). Crop coords are fp16 here, so a box is recovered by
 rounding to within fp16's resolution rather than upstream's float32 1e-3 px. A pruned run holds
-fewer files than E x nb: its generator shortens every epoch's count by one (2310 files rather than
-2340 at ImageNet-1K IPC 10 and ratio 0.9), so the store keeps the records that exist and records
-the ratio given; partial last batches (ratio 0 keeps them) are dropped, as in every lpld store.
+fewer files than its ratio says: its generator writes whole epochs of nb batches but lowers its
+total by one after every epoch (2310 files rather than 2340 at ImageNet-1K IPC 10 and ratio 0.9),
+so the store keeps the records that exist and records the ratio given; partial last batches (ratio 0 keeps them) are dropped, as in every lpld store.
 """
 from __future__ import annotations
 

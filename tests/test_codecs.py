@@ -90,3 +90,12 @@ def test_codec_names_parse_back():
             LogitCodec.parse(bad)
     with pytest.raises(UserError, match="only with --topk"):
         LogitCodec(0, fill="mrs").check(10)
+
+
+def test_a_top_k_store_keeps_its_decoding(tmp_path):
+    """The fill of another decoding needs the classes a top-k store dropped: refused, not faked."""
+    write_store(tmp_path / "full", np.arange(4))
+    mr = LabelStore.open(prune_store(LabelStore.open(tmp_path / "full"), tmp_path / "mr", 0.0, codec=LogitCodec(3)))
+    with pytest.raises(UserError, match="prune the full store instead"):
+        prune_store(mr, tmp_path / "mrs", 0.0, codec=LogitCodec(2, fill="mrs"))
+    assert LabelStore.open(prune_store(mr, tmp_path / "top2", 0.0, codec=LogitCodec(2))).meta["topk"] == 2

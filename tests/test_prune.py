@@ -147,3 +147,16 @@ def test_a_top_k_store_is_never_widened(full_store, tmp_path):
         assert np.isfinite(got).sum(-1).tolist() == [1] * len(got)
         np.testing.assert_array_equal(got.argmax(-1), source.argmax(-1))
         np.testing.assert_allclose(got.max(-1), source.max(-1), rtol=1e-3)
+
+
+def test_pruning_waits_for_no_other_rank(full_store, tmp_path, monkeypatch):
+    """lpld run prunes on rank 0 alone: a barrier inside prune_store would pair with another stage's on
+    the other ranks (and hang the run), so it holds the file lock and nothing more."""
+    from lpld import distributed
+
+    def no_barrier():
+        raise AssertionError("prune_store waited for other ranks")
+
+    monkeypatch.setattr(distributed, "barrier", no_barrier)
+    out = prune.prune_store(full_store, tmp_path / "pruned", 0.5)
+    assert LabelStore.open(out).meta["prune"][-1]["ratio"] == 0.5

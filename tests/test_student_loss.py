@@ -122,3 +122,17 @@ def test_lpqld_training_follows_the_schedule_calibrates_and_resumes(tmp_path):
     for key, value in weights(workdir, "lpqld").items():
         assert torch.equal(value, weights(workdir, "split")[key]), key
     assert resumed["top1"] == whole["top1"]
+
+
+def test_checkpoints_from_before_lpqlds_fields_keep_their_identity():
+    """At their defaults the new train fields stay out of a student's identity, so a checkpoint written
+    by lpld before them still resumes; set, they are part of it."""
+    class Store:
+        fingerprint = "labels"
+
+    plain = json.loads(training._student_identity(get_recipe("fmnist"), Store(), 1)["train"])
+    assert not set(training.LPQLD_FIELDS) & set(plain) and plain["temperature"] == 20.0
+    lpqld = json.loads(training._student_identity(get_recipe("fmnist", preset="lpqld"), Store(), 1)["train"])
+    assert {"temperature_schedule", "student_temperature", "calibrate_student"} <= set(lpqld)
+    with pytest.raises(UserError, match="temperature_min"):
+        student_loss.Temperatures(_config("train.temperature_schedule=cosine", "train.temperature_min=0"))
