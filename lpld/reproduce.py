@@ -277,8 +277,9 @@ def format_table(results: dict) -> str:
                      f"{diversity.get((c['batching'], c['ipc']), float('nan')):.3f} | "
                      f"{c['ratio']:g} | {c['codec']} | {c['compression']:.4g}x | {c['logit_bytes']:,d} | "
                      f"{c['mean']:.2f} +- {c['std']:.2f} | {', '.join(f'{v:.2f}' for v in c['top1'])} |")
-    lines += ["", "| IPC | pruned | class-wise - across-class at that ratio | seed spread | ahead beyond spread | "
-              "drop from 1x: class-wise | across-class | class-wise drops less |", "|---:|---:|---:|---:|---|---:|---:|---|"]
+    if results["claims"]:
+        lines += ["", "| IPC | pruned | class-wise - across-class at that ratio | seed spread | ahead beyond spread | "
+                  "drop from 1x: class-wise | across-class | class-wise drops less |", "|---:|---:|---:|---:|---|---:|---:|---|"]
     for c in results["claims"]:
         lines.append(f"| {c['ipc']} | {c['ratio']:g} | {c['class_wise_minus_across_class']:+.2f} | {c['seed_spread']:.2f} | "
                      f"{'yes' if c['class_wise_ahead_beyond_spread'] else 'no'} | {c['drop_class_wise']:.2f} | "
