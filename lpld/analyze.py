@@ -18,6 +18,7 @@ from torchvision.transforms import v2
 
 from . import bank, data, distributed, models
 from .errors import UserError
+from .imagefolder import class_folder
 from .recipes import Recipe, add_recipe_arguments, recipe_from_args
 from .workdir import WorkDir
 
@@ -106,7 +107,8 @@ def real_sample(recipe: Recipe, per_class: int, seed: int = 0, listings: Path | 
         members = (dataset.targets == label).nonzero().flatten()
         picks += members[torch.randperm(len(members), generator=generator)[:per_class]].tolist()
     images = torch.stack([dataset[index][0] for index in picks])
-    return images, dataset.targets[picks], list(dataset.classes)
+    # named as the distilled folders name classes (c00042), so the report lines the sets up class by class
+    return images, dataset.targets[picks], [class_folder(label, len(dataset.classes)) for label in range(len(dataset.classes))]
 
 
 def real_diversity(recipe: Recipe, teacher_path: str | Path, device, per_class: int,
