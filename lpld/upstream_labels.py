@@ -310,9 +310,7 @@ def import_labels(path: str | Path, recipe: Recipe, workdir: WorkDir, out: str |
         out = out or pruned_path(workdir, ratio)
     out = Path(out or workdir.labels)
     with distributed.sole_writer(out):
-        if (out / META).exists():
-            raise UserError(f"{out} already holds a label store; delete it or pass --out")
-        writer = LabelStoreWriter(out, header, np.arange(len(pairs), dtype=np.int64))
+        writer = import_writer(out, header, np.arange(len(pairs), dtype=np.int64))
         dtypes = _write_records(writer, found, pairs, orders, mapping, header)
         writer.finish()
         size = sum(f.stat().st_size for f in out.iterdir())
@@ -322,6 +320,14 @@ def import_labels(path: str | Path, recipe: Recipe, workdir: WorkDir, out: str |
               f"dropped {dropped} partial last batches ({num_images % batch_size} images each); image order "
               f"{order_info['source']} in {time.perf_counter() - started:.1f} s")
         return out
+
+
+def import_writer(out: Path, header: dict, ids: np.ndarray) -> LabelStoreWriter:
+    """The writer of an imported store: an interrupted import resumes its complete epochs, a finished
+    store is refused (a second import would not know which labels to keep)."""
+    if (out / META).exists():
+        raise UserError(f"{out} already holds a label store; delete it or pass --out")
+    return LabelStoreWriter(out, header, ids)
 
 
 def _write_records(writer: LabelStoreWriter, found: dict, pairs: list, orders, mapping: np.ndarray, header: dict) -> set:

@@ -32,12 +32,12 @@ from tqdm import tqdm
 from . import distributed, models
 from .codecs import LogitCodec
 from .errors import UserError
-from .labels import GIB, META, LabelStoreWriter
+from .labels import GIB
 from .prune import pruned_header, pruned_path
 from .recipes import Recipe
 from .relabel import label_header
 from .torchfiles import load_plain
-from .upstream_labels import convert_batch, distilled_with_map
+from .upstream_labels import convert_batch, distilled_with_map, import_writer
 from .workdir import WorkDir
 
 ORDER_JSON = "sampler_indices_batch.json"
@@ -104,20 +104,23 @@ def import_lpqld_labels(path: str | Path, recipe: Recipe, workdir: WorkDir, out:
         header, out = pruned_header(header, ratio, "random", 0), out or pruned_path(workdir, ratio)
     out = Path(out or workdir.labels)
     layout = {key: header[key] for key in ("size", "num_classes", "batch_size", "channels", "image_size", "flip", "mix")}
+    layout["coords_tolerance"] = max(layout["image_size"]) * 2.0**-11  # fp16 coords: within fp16's resolution
     with distributed.sole_writer(out):
-        if (out / META).exists():
-            raise UserError(f"{out} already holds a label store; delete it or pass --out")
-        writer = LabelStoreWriter(out, header, np.array([g for _, g in kept], dtype=np.int64))
+        writer = import_writer(out, header, np.array([g for _, g in kept], dtype=np.int64))
         for row, (n, g) in enumerate(tqdm(kept, unit="batch", desc="import labels")):
+            if g // nb in writer.complete_epochs:  # an interrupted import resumes here
+                continue
             where = str(files[n])
-            record, _ = convert_batch(dense_logits(load_plain(files[n]), num_classes, where), where,
-                                      dict(layout, coords_tolerance=max(layout["image_size"]) * 2.0**-11))
+            record, _ = convert_batch(dense_logits(load_plain(files[n]), num_classes, where), where, layout)
             images = np.asarray(orders.get(str(n), []), dtype=np.int64)
             if images.shape != (batch_size,) or images.min() < 0 or images.max() >= num_images:
                 raise UserError(f"{root / ORDER_JSON}: batch {n} should list {batch_size} image indices in "
                                 f"[0, {num_images})")
             record.img_idx = mapping[images].astype(np.int32)
             writer.write(row, record)
+            if g % nb == nb - 1 or row == len(kept) - 1:
+                writer.flush()
+                writer.mark_epoch_complete(g // nb)
         writer.finish()
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"import labels: {len(kept)} of LPQLD's {len(files)} records ({'top-' + str(topk) if topk else 'full'} "

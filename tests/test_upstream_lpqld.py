@@ -103,3 +103,31 @@ def test_files_that_would_run_code_and_gaps_are_refused(tmp_path, imported_image
     (tmp_path / "lpqld" / "batch_1.tar").unlink()
     with pytest.raises(UserError, match="none missing"):
         upstream.import_lpqld_labels(tmp_path / "lpqld", recipe, workdir)
+
+
+def test_an_interrupted_import_resumes_its_complete_epochs(tmp_path, imported_images, monkeypatch):  # noqa: F811
+    """Stopped in the second epoch, the import keeps the first: the rerun reads only what is left and
+    writes the store an uninterrupted import writes."""
+    from lpld import upstream_lpqld
+
+    recipe, workdir, _ = imported_images("imagenet1k", f"relabel.epochs={EPOCHS}")
+    write_lpqld_labels(tmp_path / "lpqld")
+    reference = LabelStore.open(upstream.import_lpqld_labels(tmp_path / "lpqld", recipe, workdir, out=tmp_path / "whole"))
+    read, original, stopped = [], upstream_lpqld.load_plain, []
+
+    def reading(path, *args):
+        read.append(Path(path).name)
+        if Path(path).name == "batch_4.tar" and not stopped:  # epoch 1's second full batch, the first time
+            stopped.append(True)
+            raise RuntimeError("the job was stopped here")
+        return original(path, *args)
+
+    monkeypatch.setattr(upstream_lpqld, "load_plain", reading)
+    with pytest.raises(RuntimeError, match="stopped here"):
+        upstream.import_lpqld_labels(tmp_path / "lpqld", recipe, workdir, out=tmp_path / "resumed")
+    read.clear()
+    store = LabelStore.open(upstream.import_lpqld_labels(tmp_path / "lpqld", recipe, workdir, out=tmp_path / "resumed"))
+    assert "batch_0.tar" not in read[1:] and "batch_1.tar" not in read  # epoch 0 (files 0, 1; 2 is partial) kept
+    for g in range(len(reference)):
+        assert np.array_equal(store.record(g).logits, reference.record(g).logits)
+        assert np.array_equal(store.record(g).img_idx, reference.record(g).img_idx)
